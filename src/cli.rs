@@ -1,0 +1,210 @@
+//! The `check` and `status` commands: read-only reports on both ends.
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::sink;
+use crate::source::admin;
+
+/// `check`: every problem with config and environment, each with its fix.
+pub async fn check(cfg: &Config) -> Vec<admin::Problem> {
+    let mut problems = Vec::new();
+    match admin::connect(cfg).await {
+        Ok(client) => match admin::environment_problems(&client, cfg).await {
+            Ok(p) => problems.extend(p),
+            Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
+        },
+        Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
+    }
+    match sink::connect(cfg).await {
+        Ok(client) => {
+            let js = sink::jetstream(client, cfg);
+            if let Err(e) = js.query_account().await {
+                problems.push(problem(
+                    &format!("nats at {} has no jetstream: {e}", cfg.nats.url.redacted()),
+                    Some("start nats-server with -js (JetStream enabled)"),
+                ));
+            } else {
+                let declared: Vec<&str> = cfg.streams.iter().map(|s| s.name.as_str()).collect();
+                let subjects = [
+                    (
+                        "routing.subject",
+                        sink::streams::probe_subject(&cfg.routing.subject),
+                    ),
+                    (
+                        "routing.dead_letter_prefix",
+                        format!("{}.probe", cfg.routing.dead_letter_prefix),
+                    ),
+                ];
+                for (key, subject) in subjects {
+                    match sink::streams::stream_for(&js, &subject).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) if !declared.is_empty() && covered_by_declared(cfg, &subject) => {}
+                        Ok(None) => problems.push(problem(
+                            &format!("no jetstream stream captures {subject} ({key})"),
+                            Some("create a stream for it, or declare one in [[streams]] (the relay creates it at start)"),
+                        )),
+                        Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
+                    }
+                }
+            }
+        }
+        Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
+    }
+    problems
+}
+
+/// Does a `[[streams]]` entry (created at `run`) capture `subject`?
+fn covered_by_declared(cfg: &Config, subject: &str) -> bool {
+    cfg.streams
+        .iter()
+        .flat_map(|s| s.subjects.iter())
+        .any(|pattern| subject_matches(pattern, subject))
+}
+
+/// NATS subject matching: `*` one token, `>` the rest.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+fn problem(what: &str, fix: Option<&str>) -> admin::Problem {
+    admin::Problem {
+        what: what.to_string(),
+        fix: fix.unwrap_or("").to_string(),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub slot: String,
+    pub slot_exists: bool,
+    pub slot_info: Option<admin::SlotInfo>,
+    pub publication: String,
+    pub table: String,
+    pub postgres: String,
+    pub nats: String,
+    pub streams: Vec<StreamStatus>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub messages: u64,
+    pub last_sequence: u64,
+}
+
+/// `status`: slot position and lag, streams. Never prints a secret: URLs are redacted.
+pub async fn status(cfg: &Config) -> Result<Status> {
+    let mut st = Status {
+        slot: cfg.postgres.slot.clone(),
+        slot_exists: false,
+        slot_info: None,
+        publication: cfg.postgres.publication.clone(),
+        table: cfg.outbox.table.clone(),
+        postgres: cfg.postgres.url.redacted(),
+        nats: cfg.nats.url.redacted(),
+        streams: Vec::new(),
+        errors: Vec::new(),
+    };
+    match admin::connect(cfg).await {
+        Ok(client) => match admin::slot_info(&client, &cfg.postgres.slot).await {
+            Ok(info) => {
+                st.slot_exists = info.is_some();
+                st.slot_info = info;
+            }
+            Err(e) => st.errors.push(e.message),
+        },
+        Err(e) => st.errors.push(e.message),
+    }
+    match sink::connect(cfg).await {
+        Ok(client) => {
+            let js = sink::jetstream(client, cfg);
+            let mut names: Vec<String> = cfg.streams.iter().map(|s| s.name.clone()).collect();
+            for subject in [sink::streams::probe_subject(&cfg.routing.subject)] {
+                if let Ok(Some(n)) = sink::streams::stream_for(&js, &subject).await
+                    && !names.contains(&n)
+                {
+                    names.push(n);
+                }
+            }
+            for name in names {
+                match js.get_stream(&name).await {
+                    Ok(mut s) => match s.info().await {
+                        Ok(info) => st.streams.push(StreamStatus {
+                            name,
+                            subjects: info.config.subjects.clone(),
+                            messages: info.state.messages,
+                            last_sequence: info.state.last_sequence,
+                        }),
+                        Err(e) => st.errors.push(format!("stream {name}: {e}")),
+                    },
+                    Err(e) => st.errors.push(format!("stream {name}: {e}")),
+                }
+            }
+        }
+        Err(e) => st.errors.push(e.message),
+    }
+    Ok(st)
+}
+
+pub fn print_status(st: &Status) {
+    println!("postgres     {}", st.postgres);
+    println!("nats         {}", st.nats);
+    println!("table        {} (publication {})", st.table, st.publication);
+    match &st.slot_info {
+        Some(s) => {
+            println!(
+                "slot         {} ({})",
+                st.slot,
+                match s.active_pid {
+                    Some(pid) => format!("active, pid {pid}"),
+                    None => "inactive".into(),
+                }
+            );
+            println!(
+                "confirmed    {}   current {}   lag {} bytes   wal_status {}",
+                s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                s.current_lsn.as_deref().unwrap_or("-"),
+                s.lag_bytes.map_or("-".into(), |l| l.to_string()),
+                s.wal_status.as_deref().unwrap_or("-")
+            );
+        }
+        None => println!("slot         {} (missing: `run` creates it)", st.slot),
+    }
+    for s in &st.streams {
+        println!(
+            "stream       {} {:?}: {} messages, last seq {}",
+            s.name, s.subjects, s.messages, s.last_sequence
+        );
+    }
+    for e in &st.errors {
+        println!("error        {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_matches;
+
+    #[test]
+    fn matching() {
+        assert!(subject_matches("outbox.>", "outbox.a.b"));
+        assert!(subject_matches("outbox.*.b", "outbox.a.b"));
+        assert!(!subject_matches("outbox.*", "outbox.a.b"));
+        assert!(!subject_matches("outbox.>", "outbox"));
+        assert!(subject_matches("a.b", "a.b"));
+    }
+}

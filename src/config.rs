@@ -1,0 +1,611 @@
+//! Typed configuration: TOML file + `OUTBOX_RELAY_<SECTION>_<KEY>` environment overrides.
+//!
+//! Invariants kept here:
+//! - Unknown keys (in the file or in the environment) are errors that name the key.
+//! - Secrets (the password in `postgres.url`, a token in `nats.url`) live in
+//!   [`SecretUrl`], whose `Debug`/`Display` redact them, so a config printed in a log or
+//!   an error never leaks them.
+//! - [`Config::validate`] checks every value that can be checked without I/O and names
+//!   the key it rejects.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::ColumnMap;
+use crate::error::{Error, Result};
+
+/// Environment variables with this prefix override config keys.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+/// Not a config key: the CLI reads it as `--config`.
+const ENV_CONFIG_FILE: &str = "OUTBOX_RELAY_CONFIG";
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub outbox: OutboxConfig,
+    pub nats: NatsConfig,
+    pub routing: RoutingConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    pub streams: Vec<StreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db`.
+    pub url: SecretUrl,
+    /// Logical replication slot; created by `run` if missing.
+    pub slot: String,
+    /// Publication for the outbox table; created by `migrate`.
+    pub publication: String,
+    /// How often status feedback is sent while positions move.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl("postgres://postgres@127.0.0.1:5432/postgres".into()),
+            slot: "outbox_relay".into(),
+            publication: "outbox_relay".into(),
+            status_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// `schema.table` (schema defaults to `public`).
+    pub table: String,
+    /// Column names of the table, for layouts other than the default (e.g. Debezium's).
+    pub columns: ColumnMap,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            table: "public.outbox_events".into(),
+            columns: ColumnMap::default(),
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// `(schema, table)`; validated by [`Config::validate`].
+    pub fn qualified(&self) -> (String, String) {
+        match self.table.split_once('.') {
+            Some((s, t)) => (s.to_string(), t.to_string()),
+            None => ("public".to_string(), self.table.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: SecretUrl,
+    /// Messages published whose PubAck has not arrived yet. Bounds memory and the
+    /// replay after a fault.
+    pub max_in_flight: usize,
+    /// How long to wait for one PubAck before the publish counts as failed (transient).
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl("nats://127.0.0.1:4222".into()),
+            max_in_flight: 4096,
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Subject template over the event's fields.
+    pub subject: String,
+    /// Unpublishable events go to `<dead_letter_prefix>.<original subject>`.
+    pub dead_letter_prefix: String,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            subject: "outbox.{aggregate_type}.{event_topic}".into(),
+            dead_letter_prefix: "outbox.dlq".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `/healthz`, `/readyz` (and `/metrics`). Empty string disables the listener.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `RUST_LOG`-style filter, e.g. `info` or `outbox_relay=debug`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A JetStream stream the relay creates or updates at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    pub subjects: Vec<String>,
+    /// `file` or `memory`.
+    #[serde(default = "default_storage")]
+    pub storage: String,
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// Window in which JetStream drops a second message with the same `Nats-Msg-Id`.
+    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    pub duplicate_window: Duration,
+}
+
+fn default_storage() -> String {
+    "file".into()
+}
+fn default_replicas() -> usize {
+    1
+}
+fn default_duplicate_window() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// A URL that may carry a password or token. Prints redacted; [`SecretUrl::expose`]
+/// is the one way to the real value, used only to connect.
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replace the password (or a lone token in the user part) of a URL with `***`, and
+/// `password=` query parameters too. Unparseable input is reduced to its scheme.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            } else if raw.starts_with("nats") && !u.username().is_empty() {
+                // nats://TOKEN@host: the user part is the secret.
+                let _ = u.set_username("***");
+            }
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let secret = matches!(
+                        k.as_ref(),
+                        "password" | "pass" | "token" | "sslpassword" | "nkey" | "jwt"
+                    );
+                    let v = if secret { "***".to_string() } else { v.into_owned() };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if !pairs.is_empty() {
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            u.to_string()
+        }
+        Err(_) => match raw.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://***"),
+            None => "***".into(),
+        },
+    }
+}
+
+impl Config {
+    /// Read the file (if any), apply environment overrides, validate.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                Error::fatal(format!("cannot read config file {}: {e}", p.display()))
+                    .hint("pass an existing file with --config, or omit it to use defaults and OUTBOX_RELAY_* variables")
+            })?,
+            None => String::new(),
+        };
+        let cfg = Self::from_sources(&text, &env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse TOML text and apply overrides from `env` (name, value) pairs.
+    pub fn from_sources(text: &str, env: &[(String, String)]) -> Result<Config> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            Error::fatal(format!("config: {}", e.message().to_lowercase()))
+                .hint(describe_span(text, e.span()))
+        })?;
+        apply_env(&mut table, env)?;
+        Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            Error::fatal(format!("config: {}", e.message()))
+                .hint("see docs/configuration.md for every key and its type")
+        })
+    }
+
+    /// Check values that need no I/O; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let pg = url::Url::parse(self.postgres.url.expose()).map_err(|e| {
+            bad_key("postgres.url", format!("not a url ({e})"), "use postgres://user:password@host:5432/database")
+        })?;
+        if !matches!(pg.scheme(), "postgres" | "postgresql") {
+            return Err(bad_key(
+                "postgres.url",
+                format!("scheme must be postgres:// (got {}://)", pg.scheme()),
+                "use postgres://user:password@host:5432/database",
+            ));
+        }
+        self.postgres.url.expose().parse::<tokio_postgres::Config>()
+            .map_err(|e| bad_key("postgres.url", e, "use postgres://user:password@host:5432/database"))?;
+        check_ident("postgres.slot", &self.postgres.slot)?;
+        check_ident("postgres.publication", &self.postgres.publication)?;
+        if self.postgres.status_interval.is_zero() {
+            return Err(bad_key("postgres.status_interval", "must be > 0", "e.g. \"1s\""));
+        }
+        let (schema, table) = self.outbox.qualified();
+        if self.outbox.table.matches('.').count() > 1 {
+            return Err(bad_key("outbox.table", "expected schema.table", "e.g. \"public.outbox_events\""));
+        }
+        check_sql_name("outbox.table", &schema)?;
+        check_sql_name("outbox.table", &table)?;
+        for (field, column) in self.outbox.columns.fields() {
+            if column.is_empty() || column.contains('"') || column.contains('\0') {
+                return Err(bad_key(
+                    &format!("outbox.columns.{field}"),
+                    format!("invalid column name {column:?}"),
+                    "name an existing column of the outbox table",
+                ));
+            }
+        }
+        let nats = url::Url::parse(self.nats.url.expose())
+            .map_err(|e| bad_key("nats.url", format!("not a url ({e})"), "use nats://host:4222"))?;
+        if !matches!(nats.scheme(), "nats" | "tls" | "ws" | "wss") {
+            return Err(bad_key(
+                "nats.url",
+                format!("scheme must be nats:// or tls:// (got {}://)", nats.scheme()),
+                "use nats://host:4222",
+            ));
+        }
+        if self.nats.max_in_flight == 0 {
+            return Err(bad_key("nats.max_in_flight", "must be at least 1", "the default is 4096"));
+        }
+        if self.nats.ack_timeout.is_zero() {
+            return Err(bad_key("nats.ack_timeout", "must be > 0", "e.g. \"5s\""));
+        }
+        crate::route::Template::parse(&self.routing.subject)
+            .map_err(|e| bad_key("routing.subject", e, "e.g. \"outbox.{aggregate_type}.{event_topic}\""))?;
+        crate::route::validate_subject(&self.routing.dead_letter_prefix).map_err(|e| {
+            bad_key("routing.dead_letter_prefix", e, "a literal subject prefix, e.g. \"outbox.dlq\"")
+        })?;
+        if !self.http.listen.is_empty() {
+            self.http.listen.parse::<SocketAddr>().map_err(|e| {
+                bad_key("http.listen", format!("{e}"), "host:port, e.g. \"127.0.0.1:9187\", or \"\" to disable")
+            })?;
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(bad_key("log.format", format!("unknown format {:?}", self.log.format), "text or json"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| bad_key("log.level", e, "e.g. \"info\" or \"outbox_relay=debug\""))?;
+        for (i, s) in self.streams.iter().enumerate() {
+            let key = format!("streams[{i}]");
+            if s.name.is_empty() || s.name.contains(['.', '*', '>', ' ', '/', '\\']) {
+                return Err(bad_key(&format!("{key}.name"), format!("invalid stream name {:?}", s.name), "letters, digits, - and _"));
+            }
+            if s.subjects.is_empty() {
+                return Err(bad_key(&format!("{key}.subjects"), "empty", "list the subjects the stream captures, e.g. [\"outbox.>\"]"));
+            }
+            if !matches!(s.storage.as_str(), "file" | "memory") {
+                return Err(bad_key(&format!("{key}.storage"), format!("unknown storage {:?}", s.storage), "file or memory"));
+            }
+            if s.replicas == 0 || s.replicas > 5 {
+                return Err(bad_key(&format!("{key}.replicas"), "must be 1..=5", "1 for a single server, 3 for a cluster"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bad_key(key: &str, problem: impl fmt::Display, hint: &str) -> Error {
+    Error::fatal(format!("config key {key}: {problem}")).hint(hint.to_string())
+}
+
+/// Slot and publication names: PostgreSQL restricts slots to `[a-z0-9_]`, and we use
+/// both unquoted in replication commands.
+fn check_ident(key: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad_key(key, format!("invalid name {v:?}"), "lowercase letters, digits and _, at most 63 characters"))
+    }
+}
+
+fn check_sql_name(key: &str, v: &str) -> Result<()> {
+    if v.is_empty() || v.len() > 63 || v.contains(['"', '\0']) {
+        return Err(bad_key(key, format!("invalid name {v:?}"), "e.g. \"public.outbox_events\""));
+    }
+    Ok(())
+}
+
+/// Say where in the file a parse error is.
+fn describe_span(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!("see line {line} of the config file; docs/configuration.md lists every key")
+        }
+        None => "docs/configuration.md lists every key".into(),
+    }
+}
+
+/// Apply `OUTBOX_RELAY_<SECTION>_<KEY>` overrides. The value's type follows the
+/// default config's type for that key, so `OUTBOX_RELAY_POSTGRES_SLOT=123` stays a
+/// string and `OUTBOX_RELAY_NATS_MAX_IN_FLIGHT=10` becomes an integer.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<()> {
+    let defaults = toml::Table::try_from(Config::default())
+        .map_err(|e| Error::fatal(format!("internal: default config does not serialise: {e}")))?;
+    // Sections with nesting, longest first so `outbox_columns` wins over `outbox`.
+    let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+    for (name, value) in &defaults {
+        if let toml::Value::Table(t) = value {
+            sections.push((name.clone(), vec![name.clone()]));
+            for (sub, v) in t {
+                if v.is_table() {
+                    sections.push((format!("{name}_{sub}"), vec![name.clone(), sub.clone()]));
+                }
+            }
+        }
+    }
+    sections.sort_by_key(|(flat, _)| std::cmp::Reverse(flat.len()));
+
+    let mut sorted: BTreeMap<&str, &str> = BTreeMap::new();
+    for (k, v) in env {
+        if k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE {
+            sorted.insert(k.as_str(), v.as_str());
+        }
+    }
+    for (name, value) in sorted {
+        let rest = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+        let Some((path, key)) = sections.iter().find_map(|(flat, path)| {
+            rest.strip_prefix(flat.as_str())
+                .and_then(|k| k.strip_prefix('_'))
+                .map(|k| (path, k.to_string()))
+        }) else {
+            return Err(Error::fatal(format!("environment variable {name}: no such config section"))
+                .hint("variables are OUTBOX_RELAY_<SECTION>_<KEY>, e.g. OUTBOX_RELAY_POSTGRES_URL; sections: postgres, outbox, nats, routing, http, log"));
+        };
+        let mut default_section = &defaults;
+        for p in path {
+            default_section = match default_section.get(p) {
+                Some(toml::Value::Table(t)) => t,
+                _ => return Err(Error::fatal(format!("environment variable {name}: no such config section"))),
+            };
+        }
+        let dotted = format!("{}.{key}", path.join("."));
+        let Some(default) = default_section.get(&key) else {
+            return Err(Error::fatal(format!("environment variable {name}: unknown config key {dotted}"))
+                .hint("docs/configuration.md lists every key"));
+        };
+        let typed = match default {
+            toml::Value::String(_) => toml::Value::String(value.to_string()),
+            toml::Value::Integer(_) => toml::Value::Integer(value.trim().parse().map_err(|_| {
+                bad_key(&dotted, format!("{name}={value:?} is not an integer"), "give a whole number")
+            })?),
+            toml::Value::Boolean(_) => toml::Value::Boolean(match value.trim() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => return Err(bad_key(&dotted, format!("{name}={value:?} is not a boolean"), "true or false")),
+            }),
+            toml::Value::Float(_) => toml::Value::Float(value.trim().parse().map_err(|_| {
+                bad_key(&dotted, format!("{name}={value:?} is not a number"), "give a number")
+            })?),
+            _ => {
+                return Err(bad_key(&dotted, format!("{name} cannot override a list or table"), "set it in the config file"));
+            }
+        };
+        let mut target = &mut *table;
+        for p in path {
+            let entry = target
+                .entry(p.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            target = match entry {
+                toml::Value::Table(t) => t,
+                _ => return Err(bad_key(p, "must be a table", "see docs/configuration.md")),
+            };
+        }
+        target.insert(key, typed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn minimal_file_from_design_parses() {
+        let text = r#"
+[postgres]
+url = "postgres://postgres@127.0.0.1:5432/app"
+[outbox]
+table = "public.outbox_events"
+[nats]
+url = "nats://127.0.0.1:4222"
+[routing]
+subject = "outbox.{aggregate_type}.{event_topic}"
+[http]
+listen = "127.0.0.1:9187"
+"#;
+        let cfg = Config::from_sources(text, &[]).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.postgres.slot, "outbox_relay");
+        assert_eq!(cfg.outbox.qualified(), ("public".into(), "outbox_events".into()));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_sources("[nats]\nurll = \"x\"\n", &[]).unwrap_err();
+        assert!(err.message.contains("urll"), "{err}");
+        let err = Config::from_sources("[natz]\n", &[]).unwrap_err();
+        assert!(err.message.contains("natz"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_with_types() {
+        let cfg = Config::from_sources(
+            "[postgres]\nslot = \"a\"\n",
+            &env(&[
+                ("OUTBOX_RELAY_POSTGRES_SLOT", "b"),
+                ("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT", "12"),
+                ("OUTBOX_RELAY_OUTBOX_COLUMNS_EVENT_TOPIC", "type"),
+                ("OUTBOX_RELAY_CONFIG", "/ignored.toml"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.postgres.slot, "b");
+        assert_eq!(cfg.nats.max_in_flight, 12);
+        assert_eq!(cfg.outbox.columns.event_topic, "type");
+    }
+
+    #[test]
+    fn env_unknown_key_or_bad_value_is_named() {
+        let err = Config::from_sources("", &env(&[("OUTBOX_RELAY_NATS_URLL", "x")])).unwrap_err();
+        assert!(err.message.contains("OUTBOX_RELAY_NATS_URLL") && err.message.contains("nats.urll"), "{err}");
+        let err =
+            Config::from_sources("", &env(&[("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT", "many")])).unwrap_err();
+        assert!(err.message.contains("nats.max_in_flight"), "{err}");
+        let err = Config::from_sources("", &env(&[("OUTBOX_RELAY_KAFKA_URL", "x")])).unwrap_err();
+        assert!(err.message.contains("OUTBOX_RELAY_KAFKA_URL"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_key() {
+        let mut cfg = Config::default();
+        cfg.postgres.url = SecretUrl::new("mysql://x");
+        assert!(cfg.validate().unwrap_err().message.contains("postgres.url"));
+        let mut cfg = Config::default();
+        cfg.nats.url = SecretUrl::new("not a url");
+        assert!(cfg.validate().unwrap_err().message.contains("nats.url"));
+        let mut cfg = Config::default();
+        cfg.routing.subject = "outbox.{nope}".into();
+        assert!(cfg.validate().unwrap_err().message.contains("routing.subject"));
+        let mut cfg = Config::default();
+        cfg.postgres.slot = "Bad-Slot".into();
+        assert!(cfg.validate().unwrap_err().message.contains("postgres.slot"));
+        let mut cfg = Config::default();
+        cfg.http.listen = "nowhere".into();
+        assert!(cfg.validate().unwrap_err().message.contains("http.listen"));
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let u = SecretUrl::new("postgres://app:s3cret-pw@db:5432/app?sslmode=disable&password=x2");
+        let shown = format!("{u} {u:?}");
+        assert!(!shown.contains("s3cret-pw") && !shown.contains("x2"), "{shown}");
+        assert!(shown.contains("app:***@db"), "{shown}");
+        let n = SecretUrl::new("nats://tok3n@127.0.0.1:4222");
+        assert!(!n.to_string().contains("tok3n"));
+        let n = SecretUrl::new("nats://user:pw9@127.0.0.1:4222");
+        assert!(!format!("{n:?}").contains("pw9"));
+        let mut cfg = Config::default();
+        cfg.postgres.url = SecretUrl::new("postgres://u:hunter2@h/db");
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+}
+
+impl ColumnMap {
+    /// `(field, column)` for every mapped field.
+    pub fn fields(&self) -> [(&'static str, &str); 13] {
+        [
+            ("id", &self.id),
+            ("event_topic", &self.event_topic),
+            ("payload", &self.payload),
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+            ("tenant_id", &self.tenant_id),
+            ("source_bc", &self.source_bc),
+            ("destination_topics", &self.destination_topics),
+            ("schema_id", &self.schema_id),
+            ("schema_version", &self.schema_version),
+            ("metadata", &self.metadata),
+            ("occurred_at", &self.occurred_at),
+            ("created_at", &self.created_at),
+        ]
+    }
+
+    /// The fields a row cannot do without.
+    pub fn required_fields(&self) -> [(&'static str, &str); 3] {
+        [
+            ("id", &self.id),
+            ("event_topic", &self.event_topic),
+            ("payload", &self.payload),
+        ]
+    }
+}

@@ -1,0 +1,176 @@
+//! Errors the operator can act on.
+//!
+//! Every error is either **transient** (retry with backoff, the process keeps running:
+//! NATS down, PubAck timeout, PostgreSQL restarting) or **fatal** (stop with a message:
+//! bad config, missing publication, wal_level wrong). Each carries a hint that says what
+//! to do. Messages are lowercase and never contain secrets: URLs are redacted before they
+//! reach an error (see [`crate::config::redact_url`]).
+
+use std::fmt;
+
+/// Whether retrying can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The condition may clear by itself; the supervisor retries with backoff, forever.
+    Transient,
+    /// Retrying cannot help; the process stops and says what to fix.
+    Fatal,
+}
+
+/// An error with its kind, what happened and what to do about it.
+#[derive(Debug, Clone)]
+pub struct Error {
+    pub kind: Kind,
+    /// What happened, lowercase, no secrets.
+    pub message: String,
+    /// What the operator should do.
+    pub hint: Option<String>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            kind: Kind::Transient,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            kind: Kind::Fatal,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == Kind::Transient
+    }
+
+    /// Prefix the message with where it happened, keeping kind and hint.
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Classify a tokio-postgres error. Connection-level failures are transient; a server
+/// error with an SQLSTATE is fatal unless its class says the server is going away.
+pub fn from_pg(err: &tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    if let Some(db) = err.as_db_error() {
+        let code = db.code();
+        let msg = format!(
+            "postgresql: {} (sqlstate {})",
+            db.message().to_lowercase(),
+            code.code()
+        );
+        let transient = code.code().starts_with("08") // connection exception
+            || code.code().starts_with("57") // operator intervention: shutdown, terminate
+            || code.code().starts_with("53") // insufficient resources
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE;
+        let e = if transient {
+            Error::transient(msg)
+        } else {
+            Error::fatal(msg)
+        };
+        return match code.code() {
+            "42501" => e.hint("grant the relay's role the privilege named above (see docs/configuration.md, least privilege)"),
+            "3D000" => e.hint("create the database or fix the database name in postgres.url"),
+            "28P01" | "28000" => e.hint("check the user and password in postgres.url and pg_hba.conf"),
+            _ => e,
+        };
+    }
+    // No SQLSTATE: the connection failed or closed. The Display of tokio-postgres
+    // errors never includes the password.
+    Error::transient(format!("postgresql connection: {}", lower(&err.to_string())))
+        .hint("check that PostgreSQL is running and reachable at postgres.url")
+}
+
+/// Classify an error of the replication transport.
+pub fn from_repl(err: &pgwire_replication::PgWireError) -> Error {
+    let text = lower(&err.to_string());
+    if err.is_server() {
+        // The server refused something: slot in use, slot missing, publication missing.
+        if text.contains("is active for pid") {
+            return Error::transient(format!("replication: {text}")).hint(
+                "another process is streaming from this slot; stop it, or wait: the relay retries (standby mode)",
+            );
+        }
+        if text.contains("does not exist") && text.contains("replication slot") {
+            return Error::fatal(format!("replication: {text}")).hint(
+                "the slot vanished after the relay created it: events committed since may be lost; \
+                 investigate who dropped it, then restart the relay to create a new one",
+            );
+        }
+        if text.contains("publication") && text.contains("does not exist") {
+            return Error::fatal(format!("replication: {text}"))
+                .hint("run `outbox-relay migrate` or create the publication named in postgres.publication");
+        }
+        if text.contains("terminating") || text.contains("shutdown") || text.contains("recovery") {
+            return Error::transient(format!("replication: {text}"));
+        }
+        if text.contains("permission") || text.contains("must be superuser or replication") {
+            return Error::fatal(format!("replication: {text}"))
+                .hint("grant the role REPLICATION: ALTER ROLE <user> REPLICATION");
+        }
+        return Error::fatal(format!("replication: {text}"));
+    }
+    if text.contains("auth") || text.contains("password") {
+        return Error::fatal(format!("replication: {text}"))
+            .hint("check the user and password in postgres.url and pg_hba.conf (a `replication` line may be needed)");
+    }
+    Error::transient(format!("replication connection: {text}"))
+        .hint("check that PostgreSQL is running and reachable at postgres.url")
+}
+
+/// PostgreSQL and NATS error texts start with capitals; ours are lowercase throughout.
+fn lower(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_includes_hint() {
+        let e = Error::fatal("wal_level is replica").hint("set wal_level = logical and restart");
+        assert_eq!(
+            e.to_string(),
+            "wal_level is replica\n  hint: set wal_level = logical and restart"
+        );
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn context_keeps_kind() {
+        let e = Error::transient("timeout").context("publish");
+        assert_eq!(e.message, "publish: timeout");
+        assert!(e.is_transient());
+    }
+}

@@ -1,0 +1,27 @@
+//! outbox-relay: streams outbox INSERTs from PostgreSQL logical replication (pgoutput) to
+//! NATS JetStream, in commit order, exactly once.
+//!
+//! Map of the crate, in the order data flows (see `docs/architecture.md`):
+//!
+//! - [`config`]: typed TOML config, `OUTBOX_RELAY_*` env overrides, validation naming keys.
+//! - [`error`]: transient vs fatal errors, each with a hint for the operator.
+//! - [`source`]: replication stream (transport: `pgwire-replication`) and SQL admin
+//!   (slot, publication, migrations, environment checks).
+//! - [`decode`]: pure pgoutput parser, relation cache, row → [`decode::OutboxEvent`].
+//! - [`route`]: pure routing: subject template, `destination_topics`, headers.
+//! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.
+//! - [`progress`]: in-order ack tracker → the position safe to confirm.
+//! - [`app`]: the supervisor loop and one streaming session (wires the above).
+//! - [`cli`]: `check` and `status` reports.
+//! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics` and the shared counters.
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod progress;
+pub mod route;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,154 @@
+//! Routing: an [`OutboxEvent`] becomes one or more [`Envelope`]s (subject, headers,
+//! payload). Pure: no I/O, deterministic (the same row always routes the same way, so a
+//! replay after a crash is identical and `Nats-Msg-Id` dedup applies).
+//!
+//! Architecture invariant: routing never fails the pipeline. An event that cannot be
+//! routed becomes an envelope marked with a dead-letter reason; the sink publishes it to
+//! the dead-letter subject and the stream moves on.
+
+mod headers;
+mod subject;
+mod template;
+
+pub use headers::{HeaderSet, format_lsn, header_names};
+pub use subject::{sanitize_token, validate_subject};
+pub use template::{Field, Template};
+
+use bytes::Bytes;
+
+use crate::decode::OutboxEvent;
+
+/// Where in the WAL an event came from: the commit LSN of its transaction and its index
+/// inside it. Totally ordered in commit order, then insert order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub commit_lsn: u64,
+    pub index: u32,
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub subject: String,
+    pub headers: async_nats::HeaderMap,
+    pub payload: Bytes,
+    /// Set when the event cannot be published as routed; the sink sends it to the
+    /// dead-letter subject with this reason.
+    pub dead_letter: Option<String>,
+}
+
+/// The default router: a subject template, overridden per row by `destination_topics`.
+#[derive(Debug, Clone)]
+pub struct Router {
+    template: Template,
+    headers: HeaderSet,
+}
+
+impl Router {
+    pub fn new(template: Template) -> Self {
+        Self {
+            template,
+            headers: HeaderSet::default(),
+        }
+    }
+
+    /// Route one event. Always returns at least one envelope.
+    pub fn route(&self, ev: &OutboxEvent, pos: Position) -> Vec<Envelope> {
+        let targets = match &ev.destination_topics {
+            Some(raw) if !is_json_null(raw) => match destination_subjects(raw) {
+                Ok(subjects) => subjects,
+                Err(reason) => {
+                    return vec![self.envelope(ev, pos, fallback_subject(ev), None, Some(reason))];
+                }
+            },
+            _ => match self.template.render(ev) {
+                Ok(subject) => vec![Ok(subject)],
+                Err(reason) => {
+                    return vec![self.envelope(ev, pos, fallback_subject(ev), None, Some(reason))];
+                }
+            },
+        };
+        let fan_out = targets.len() > 1;
+        targets
+            .into_iter()
+            .map(|t| match t {
+                Ok(subject) => {
+                    let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
+                    self.envelope(ev, pos, subject, msg_id, None)
+                }
+                Err((subject, reason)) => {
+                    let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
+                    self.envelope(ev, pos, sanitize_subject_for_dlq(&subject), msg_id, Some(reason))
+                }
+            })
+            .collect()
+    }
+
+    fn envelope(
+        &self,
+        ev: &OutboxEvent,
+        pos: Position,
+        subject: String,
+        msg_id: Option<String>,
+        dead_letter: Option<String>,
+    ) -> Envelope {
+        Envelope {
+            headers: self.headers.build(ev, pos, msg_id.as_deref()),
+            subject,
+            payload: ev.payload.clone(),
+            dead_letter,
+        }
+    }
+}
+
+fn is_json_null(raw: &Bytes) -> bool {
+    raw.as_ref().trim_ascii() == b"null"
+}
+
+type Target = Result<String, (String, String)>;
+
+/// `destination_topics` is a JSON array of subject strings. Each is validated strictly
+/// (no sanitising: an explicit subject is used as written or refused).
+fn destination_subjects(raw: &Bytes) -> Result<Vec<Target>, String> {
+    let list: Vec<String> = serde_json::from_slice(raw).map_err(|_| {
+        "destination_topics must be a json array of subject strings".to_string()
+    })?;
+    if list.is_empty() {
+        return Err("destination_topics is an empty array".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    Ok(list
+        .into_iter()
+        .filter(|s| seen.insert(s.clone()))
+        .map(|s| match validate_subject(&s) {
+            Ok(()) => Ok(s),
+            Err(e) => Err((s.clone(), format!("destination_topics entry {s:?}: {e}"))),
+        })
+        .collect())
+}
+
+/// The subject a routing failure is filed under (below the dead-letter prefix).
+fn fallback_subject(ev: &OutboxEvent) -> String {
+    sanitize_subject_for_dlq(ev.event_topic_str())
+}
+
+/// Make any string usable as the tail of a dead-letter subject.
+fn sanitize_subject_for_dlq(s: &str) -> String {
+    let tokens: Vec<String> = s
+        .split('.')
+        .filter(|t| !t.is_empty())
+        .map(sanitize_token)
+        .filter(|t| !t.is_empty())
+        .take(16)
+        .collect();
+    if tokens.is_empty() {
+        "unroutable".into()
+    } else {
+        let mut out = tokens.join(".");
+        out.truncate(200);
+        out.trim_end_matches('.').to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests;

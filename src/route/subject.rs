@@ -1,0 +1,46 @@
+//! NATS subject rules. A subject is dot-separated tokens; a token may not be empty or
+//! contain whitespace, `*` or `>` (wildcards are for subscribers, not publishers). A
+//! leading `$` would reach system subjects (`$JS.API...`, `$SYS...`), so it is refused.
+
+/// Longest subject accepted. NATS has no hard limit, but very long subjects cost every
+/// subscriber's matching; 255 is what most clients and operators assume.
+pub const MAX_SUBJECT_LEN: usize = 255;
+
+pub fn validate_subject(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("subject is empty".into());
+    }
+    if s.len() > MAX_SUBJECT_LEN {
+        return Err(format!("subject is longer than {MAX_SUBJECT_LEN} bytes"));
+    }
+    if s.starts_with('$') {
+        return Err("subject starts with $ (reserved for system subjects)".into());
+    }
+    for token in s.split('.') {
+        if token.is_empty() {
+            return Err("subject has an empty token".into());
+        }
+        if token == "*" || token == ">" || token.contains(['*', '>']) {
+            return Err("subject contains a wildcard (* or >)".into());
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("subject contains whitespace or a control character".into());
+        }
+    }
+    Ok(())
+}
+
+/// Make a field value safe inside one subject token: wildcards, whitespace and control
+/// characters become `_`. Dots are kept, so `order.created` adds a level, as users expect.
+pub fn sanitize_token(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,129 @@
+//! Subject templates such as `outbox.{aggregate_type}.{event_topic}`.
+
+use super::subject::{sanitize_token, validate_subject};
+use crate::decode::OutboxEvent;
+
+/// Event fields a template can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    EventTopic,
+    AggregateType,
+    AggregateId,
+    TenantId,
+    SourceBc,
+    SchemaId,
+    SchemaVersion,
+}
+
+impl Field {
+    pub const ALL: [(&'static str, Field); 7] = [
+        ("event_topic", Field::EventTopic),
+        ("aggregate_type", Field::AggregateType),
+        ("aggregate_id", Field::AggregateId),
+        ("tenant_id", Field::TenantId),
+        ("source_bc", Field::SourceBc),
+        ("schema_id", Field::SchemaId),
+        ("schema_version", Field::SchemaVersion),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// The field's text, `None` when the column is NULL or not in the table.
+    pub fn value(self, ev: &OutboxEvent) -> Option<&str> {
+        let bytes = match self {
+            Field::EventTopic => Some(&ev.event_topic),
+            Field::AggregateType => ev.aggregate_type.as_ref(),
+            Field::AggregateId => ev.aggregate_id.as_ref(),
+            Field::TenantId => ev.tenant_id.as_ref(),
+            Field::SourceBc => ev.source_bc.as_ref(),
+            Field::SchemaId => ev.schema_id.as_ref(),
+            Field::SchemaVersion => ev.schema_version.as_ref(),
+        }?;
+        std::str::from_utf8(bytes).ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Literal(String),
+    Field(Field),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                return Err(format!("unclosed {{ in {text:?}"));
+            };
+            let name = &rest[open + 1..open + close];
+            let field = Field::ALL
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, f)| *f)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = Field::ALL.iter().map(|(n, _)| *n).collect();
+                    format!("unknown field {{{name}}}; known: {}", known.join(", "))
+                })?;
+            parts.push(Part::Field(field));
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        for p in &parts {
+            if let Part::Literal(l) = p
+                && l.contains('}')
+            {
+                return Err(format!("unmatched }} in {text:?}"));
+            }
+        }
+        // A template must be a valid subject with every field filled in.
+        let probe: String = parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(l) => l.as_str(),
+                Part::Field(_) => "x",
+            })
+            .collect();
+        validate_subject(&probe)?;
+        Ok(Template { parts })
+    }
+
+    /// The subject for `ev`; an error (a dead-letter reason) when a field it needs is NULL
+    /// or the result is not a valid subject.
+    pub fn render(&self, ev: &OutboxEvent) -> Result<String, String> {
+        let mut out = String::with_capacity(64);
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => out.push_str(l),
+                Part::Field(f) => {
+                    let v = f.value(ev).filter(|v| !v.is_empty()).ok_or_else(|| {
+                        format!("field {} is null or empty but routing.subject uses it", f.name())
+                    })?;
+                    if v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+                        out.push_str(v);
+                    } else {
+                        out.push_str(&sanitize_token(v));
+                    }
+                }
+            }
+        }
+        validate_subject(&out).map_err(|e| format!("routed subject {out:?}: {e}"))?;
+        Ok(out)
+    }
+}

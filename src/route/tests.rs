@@ -1,0 +1,186 @@
+use bytes::Bytes;
+
+use super::*;
+
+fn event(topic: &str, agg: Option<&str>) -> OutboxEvent {
+    OutboxEvent {
+        id: Bytes::from_static(b"0b0c9d2e-0000-4000-8000-000000000001"),
+        event_topic: Bytes::copy_from_slice(topic.as_bytes()),
+        payload: Bytes::from_static(br#"{"a": 1}"#),
+        aggregate_type: agg.map(|a| Bytes::copy_from_slice(a.as_bytes())),
+        aggregate_id: Some(Bytes::from_static(b"42")),
+        tenant_id: Some(Bytes::from_static(b"default")),
+        source_bc: None,
+        destination_topics: None,
+        schema_id: None,
+        schema_version: Some(Bytes::from_static(b"1")),
+        metadata: None,
+        occurred_at: Some(Bytes::from_static(b"2026-11-23 03:55:33.1+00")),
+        created_at: None,
+    }
+}
+
+fn router() -> Router {
+    Router::new(Template::parse("outbox.{aggregate_type}.{event_topic}").unwrap())
+}
+
+const POS: Position = Position {
+    commit_lsn: 0x1_0000_0010,
+    index: 3,
+};
+
+fn header<'a>(e: &'a Envelope, name: &str) -> Option<&'a str> {
+    e.headers.get(name).map(|v| v.as_str())
+}
+
+#[test]
+fn default_template_routes_and_sets_headers() {
+    let envs = router().route(&event("created", Some("order")), POS);
+    assert_eq!(envs.len(), 1);
+    let e = &envs[0];
+    assert_eq!(e.subject, "outbox.order.created");
+    assert!(e.dead_letter.is_none());
+    assert_eq!(e.payload.as_ref(), br#"{"a": 1}"#);
+    assert_eq!(header(e, "Nats-Msg-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+    assert_eq!(header(e, "Outbox-Event-Topic"), Some("created"));
+    assert_eq!(header(e, "Outbox-Aggregate-Type"), Some("order"));
+    assert_eq!(header(e, "Outbox-Aggregate-Id"), Some("42"));
+    assert_eq!(header(e, "Outbox-Tenant-Id"), Some("default"));
+    assert_eq!(header(e, "Outbox-Schema-Version"), Some("1"));
+    assert_eq!(header(e, "Outbox-Commit-Lsn"), Some("1/10"));
+    assert_eq!(header(e, "Outbox-Tx-Index"), Some("3"));
+    assert_eq!(header(e, "Outbox-Source"), None);
+}
+
+#[test]
+fn tokens_are_sanitised() {
+    let envs = router().route(&event("order created>*", Some("big order")), POS);
+    assert_eq!(envs[0].subject, "outbox.big_order.order_created__");
+    assert!(envs[0].dead_letter.is_none());
+}
+
+#[test]
+fn null_template_field_is_dead_lettered_with_reason() {
+    let envs = router().route(&event("created", None), POS);
+    assert_eq!(envs.len(), 1);
+    let reason = envs[0].dead_letter.as_deref().unwrap();
+    assert!(reason.contains("aggregate_type"), "{reason}");
+}
+
+#[test]
+fn empty_token_from_dots_is_dead_lettered() {
+    let envs = router().route(&event("a..b", Some("order")), POS);
+    assert!(envs[0].dead_letter.as_deref().unwrap().contains("empty token"));
+}
+
+#[test]
+fn destination_topics_fan_out_with_distinct_msg_ids() {
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from_static(br#"["billing.orders", "audit.all", "billing.orders"]"#));
+    let envs = router().route(&ev, POS);
+    let subjects: Vec<&str> = envs.iter().map(|e| e.subject.as_str()).collect();
+    assert_eq!(subjects, ["billing.orders", "audit.all"]);
+    assert_eq!(
+        header(&envs[0], "Nats-Msg-Id"),
+        Some("0b0c9d2e-0000-4000-8000-000000000001:billing.orders")
+    );
+    assert_eq!(header(&envs[1], "Outbox-Event-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+}
+
+#[test]
+fn destination_topics_single_keeps_plain_msg_id_and_null_means_template() {
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from_static(br#"["billing.orders"]"#));
+    let envs = router().route(&ev, POS);
+    assert_eq!(header(&envs[0], "Nats-Msg-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+    ev.destination_topics = Some(Bytes::from_static(b"null"));
+    assert_eq!(router().route(&ev, POS)[0].subject, "outbox.order.created");
+}
+
+#[test]
+fn hostile_destination_topics_are_refused() {
+    for bad in [r#"["a.>"]"#, r#"["$JS.API.STREAM.DELETE.X"]"#, r#"["a..b"]"#, r#"["a b"]"#, r#"[""]"#, r#""x""#, "[1]", "[]"] {
+        let mut ev = event("created", Some("order"));
+        ev.destination_topics = Some(Bytes::copy_from_slice(bad.as_bytes()));
+        let envs = router().route(&ev, POS);
+        assert!(envs.iter().all(|e| e.dead_letter.is_some()), "{bad} was accepted");
+        for e in &envs {
+            validate_subject(&e.subject).unwrap_or_else(|err| panic!("dlq tail {:?} invalid: {err}", e.subject));
+        }
+    }
+    let long = format!(r#"["{}"]"#, "a".repeat(300));
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from(long));
+    assert!(router().route(&ev, POS)[0].dead_letter.is_some());
+}
+
+#[test]
+fn metadata_becomes_headers_but_cannot_forge_ours() {
+    let mut ev = event("created", Some("order"));
+    ev.metadata = Some(Bytes::from_static(
+        br#"{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "user_id": 7,
+            "Nats-Msg-Id": "forged", "Outbox-Tenant-Id": "other", "bad\nname": "x", "crlf": "a\r\nb", "nested": {"x": 1}}"#,
+    ));
+    let e = &router().route(&ev, POS)[0];
+    assert_eq!(
+        header(e, "traceparent"),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(header(e, "user_id"), Some("7"));
+    assert_eq!(header(e, "Nats-Msg-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+    assert_eq!(header(e, "Outbox-Tenant-Id"), Some("default"));
+    assert_eq!(header(e, "crlf"), None);
+    assert_eq!(header(e, "nested"), None);
+}
+
+#[test]
+fn metadata_not_an_object_is_ignored() {
+    let mut ev = event("created", Some("order"));
+    ev.metadata = Some(Bytes::from_static(b"[1,2]"));
+    let e = &router().route(&ev, POS)[0];
+    assert!(e.dead_letter.is_none());
+}
+
+#[test]
+fn crlf_in_column_does_not_block_event() {
+    let mut ev = event("created", Some("order"));
+    ev.aggregate_id = Some(Bytes::from_static(b"a\r\nb"));
+    let e = &router().route(&ev, POS)[0];
+    assert_eq!(header(e, "Outbox-Aggregate-Id"), Some("a  b"));
+}
+
+#[test]
+fn template_parse_errors() {
+    assert!(Template::parse("outbox.{nope}").unwrap_err().contains("nope"));
+    assert!(Template::parse("outbox.{event_topic").is_err());
+    assert!(Template::parse("outbox.>").is_err());
+    assert!(Template::parse("outbox..{event_topic}").is_err());
+    assert!(Template::parse("{tenant_id}.events.{event_topic}").is_ok());
+}
+
+#[test]
+fn subject_rules() {
+    assert!(validate_subject("a.b.c").is_ok());
+    assert!(validate_subject("a.*").is_err());
+    assert!(validate_subject("$SYS.x").is_err());
+    assert!(validate_subject(".a").is_err());
+    assert!(validate_subject("a.").is_err());
+    assert!(validate_subject("a\tb").is_err());
+}
+
+proptest::proptest! {
+    #[test]
+    fn routing_is_deterministic_and_subjects_valid(topic in ".{0,40}", agg in proptest::option::of(".{0,20}")) {
+        let ev = event(&topic, agg.as_deref());
+        let a = router().route(&ev, POS);
+        let b = router().route(&ev, POS);
+        proptest::prop_assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b.iter()) {
+            proptest::prop_assert_eq!(&x.subject, &y.subject);
+            proptest::prop_assert_eq!(&x.dead_letter, &y.dead_letter);
+            if x.dead_letter.is_none() {
+                proptest::prop_assert!(validate_subject(&x.subject).is_ok());
+            }
+        }
+    }
+}

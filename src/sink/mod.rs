@@ -1,0 +1,202 @@
+//! JetStream publishing: pipelined publishes, every PubAck awaited, dead letters.
+//!
+//! [`Sink::publish`] hands the message to the connection and returns at once; the
+//! PubAck is collected by [`Sink::next_ack`]. The caller bounds how many are in flight.
+//! Architecture invariant: a message counts as delivered only when JetStream acked it
+//! (or acked its dead letter). A core-NATS publish (no ack) is never used.
+
+pub mod streams;
+
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::{self, publish::PublishAck};
+use async_nats::{HeaderName, HeaderValue};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Health;
+use crate::progress::Ticket;
+use crate::route::{Envelope, header_names};
+
+type AckFuture = Pin<Box<dyn Future<Output = (Ticket, Envelope, AckResult)> + Send>>;
+type AckResult = std::result::Result<PublishAck, jetstream::context::PublishError>;
+
+pub struct Sink {
+    js: jetstream::Context,
+    dlq_prefix: String,
+    acks: FuturesUnordered<AckFuture>,
+    health: Arc<Health>,
+}
+
+/// Connect to NATS. Initial connect failures are transient (NATS may be starting);
+/// afterwards the client reconnects by itself and pending acks time out.
+pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name("outbox-relay")
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .connect(cfg.nats.url.expose())
+        .await
+        .map_err(|e| {
+            Error::transient(format!("connect to nats at {}: {e}", cfg.nats.url.redacted()))
+                .hint("check that nats-server is running with -js and reachable at nats.url")
+        })
+}
+
+pub fn jetstream(client: async_nats::Client, cfg: &Config) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(cfg.nats.ack_timeout)
+        // We bound in-flight ourselves; this is a safety net above it.
+        .max_ack_inflight(cfg.nats.max_in_flight * 2 + 16)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+impl Sink {
+    pub fn new(js: jetstream::Context, cfg: &Config, health: Arc<Health>) -> Self {
+        Self {
+            js,
+            dlq_prefix: cfg.routing.dead_letter_prefix.clone(),
+            acks: FuturesUnordered::new(),
+            health,
+        }
+    }
+
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.acks.len()
+    }
+
+    /// Send one envelope; its ack arrives through [`Sink::next_ack`]. A routing failure
+    /// is sent straight to the dead-letter subject and awaited: then the ticket is
+    /// returned, already delivered.
+    pub async fn publish(&mut self, ticket: Ticket, env: Envelope) -> Result<Option<Ticket>> {
+        if let Some(reason) = env.dead_letter.clone() {
+            return self.dead_letter(env, &reason).await.map(|()| Some(ticket));
+        }
+        let sent = self
+            .js
+            .send_publish(
+                env.subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(env.payload.clone())
+                    .headers(env.headers.clone()),
+            )
+            .await;
+        match sent {
+            Ok(fut) => {
+                self.push(ticket, env, fut);
+                Ok(None)
+            }
+            Err(e) if is_poison(e.kind()) => {
+                let reason = e.to_string();
+                self.dead_letter(env, &reason).await.map(|()| Some(ticket))
+            }
+            Err(e) => Err(publish_error(&e)),
+        }
+    }
+
+    fn push(&mut self, ticket: Ticket, env: Envelope, fut: PublishAckFuture) {
+        self.acks.push(Box::pin(async move {
+            let res = fut.await;
+            (ticket, env, res)
+        }));
+    }
+
+    /// The next PubAck, in any order. `None` when nothing is in flight. A poison
+    /// failure (no stream for the subject) is dead-lettered here and its ticket
+    /// returned once the dead letter is acked; a transient failure is an error, and the
+    /// caller replays from the first unconfirmed transaction.
+    pub async fn next_ack(&mut self) -> Option<Result<Ticket>> {
+        let (ticket, env, res) = self.acks.next().await?;
+        Some(match res {
+            Ok(_) => {
+                self.health.published();
+                Ok(ticket)
+            }
+            Err(e) if is_poison(e.kind()) => {
+                let reason = e.to_string();
+                self.dead_letter(env, &reason).await.map(|()| ticket)
+            }
+            Err(e) => Err(publish_error(&e)),
+        })
+    }
+
+    /// Publish `env` to `<dead_letter_prefix>.<subject>` with the reason in headers, and
+    /// wait for its ack before counting the event as delivered. If even that fails, the
+    /// error is transient: nothing is skipped, the event is retried.
+    async fn dead_letter(&mut self, env: Envelope, reason: &str) -> Result<()> {
+        let subject = format!("{}.{}", self.dlq_prefix, env.subject);
+        let mut headers = env.headers.clone();
+        let reason_value = HeaderValue::from_str(&reason.replace(['\r', '\n'], " ")).unwrap_or_default();
+        if let Ok(n) = HeaderName::from_str(header_names()[12]) {
+            headers.insert(n, reason_value);
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_str(header_names()[13]),
+            HeaderValue::from_str(&env.subject),
+        ) {
+            headers.insert(n, v);
+        }
+        tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
+        let mut payload = env.payload.clone();
+        let attempt = self
+            .js
+            .send_publish(
+                subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .headers(headers.clone()),
+            )
+            .await;
+        let fut = match attempt {
+            Ok(f) => f,
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                // The row is still in the table; the dead letter says where to find it.
+                payload = Bytes::new();
+                self.js
+                    .send_publish(
+                        subject.clone(),
+                        jetstream::message::PublishMessage::build().payload(payload).headers(headers),
+                    )
+                    .await
+                    .map_err(|e| publish_error(&e))?
+            }
+            Err(e) => return Err(publish_error(&e)),
+        };
+        match fut.await {
+            Ok(_) => {
+                self.health.dead_lettered();
+                Ok(())
+            }
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Err(Error::transient(format!(
+                "dead-letter subject {subject} is not captured by any stream"
+            ))
+            .hint(format!(
+                "create a stream for \"{}.>\" (or add it to [[streams]]); the relay retries the event until it can be stored",
+                self.dlq_prefix
+            ))),
+            Err(e) => Err(publish_error(&e)),
+        }
+    }
+}
+
+/// Failures that retrying can never fix for this message.
+fn is_poison(kind: PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::StreamNotFound | PublishErrorKind::MaxPayloadExceeded
+    )
+}
+
+fn publish_error(e: &jetstream::context::PublishError) -> Error {
+    Error::transient(format!("jetstream publish: {e}"))
+        .hint("check nats-server health and the target stream; the relay replays from the first unacknowledged event")
+}

@@ -1,0 +1,301 @@
+//! Ordinary SQL against the source database: connection, environment checks, slot and
+//! publication admin, migrations. Everything here is idempotent.
+
+use std::str::FromStr;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::Config;
+use crate::error::{Error, Result, from_pg};
+
+/// Parsed connection settings; the password stays inside and never prints.
+pub fn pg_config(cfg: &Config) -> Result<tokio_postgres::Config> {
+    let mut c = tokio_postgres::Config::from_str(cfg.postgres.url.expose()).map_err(|e| {
+        Error::fatal(format!("config key postgres.url: {e}"))
+            .hint("use postgres://user:password@host:5432/database")
+    })?;
+    c.application_name("outbox-relay");
+    c.connect_timeout(std::time::Duration::from_secs(10));
+    Ok(c)
+}
+
+/// Connect for SQL; the connection task is spawned and logs its end at debug level.
+pub async fn connect(cfg: &Config) -> Result<Client> {
+    let pc = pg_config(cfg)?;
+    let (client, conn) = pc.connect(NoTls).await.map_err(|e| {
+        from_pg(&e).context(format!("connect to {}", cfg.postgres.url.redacted()))
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %crate::error::from_pg(&e), "sql connection ended");
+        }
+    });
+    Ok(client)
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Run the migrations in `migrations/` (embedded), for the configured table and
+/// publication. Serialised by an advisory lock so two relays starting together are safe.
+pub async fn migrate(client: &mut Client, cfg: &Config) -> Result<Vec<String>> {
+    let (schema, table) = cfg.outbox.qualified();
+    let publication = &cfg.postgres.publication;
+    let fill = |sql: &str| {
+        sql.replace("{schema}", &schema.replace('"', "\"\""))
+            .replace("{table}", &table.replace('"', "\"\""))
+            .replace("{publication}", publication)
+    };
+    let tx = client.transaction().await.map_err(|e| from_pg(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('outbox-relay migrate'))", &[])
+        .await
+        .map_err(|e| from_pg(&e))?;
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0);
+    let mut done = Vec::new();
+    if exists {
+        done.push(format!("table {schema}.{table} exists: left unchanged"));
+    } else {
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {};",
+            quote_ident(&schema)
+        ))
+        .await
+        .map_err(|e| from_pg(&e))?;
+        tx.batch_execute(&fill(include_str!("../../migrations/V1__outbox_events.sql")))
+            .await
+            .map_err(|e| from_pg(&e).context("migration V1__outbox_events"))?;
+        done.push(format!("created table {schema}.{table} and its indexes"));
+    }
+    tx.batch_execute(&fill(include_str!("../../migrations/V2__publication.sql")))
+        .await
+        .map_err(|e| from_pg(&e).context("migration V2__publication"))?;
+    done.push(format!("publication {publication} publishes inserts of {schema}.{table}"));
+    tx.commit().await.map_err(|e| from_pg(&e))?;
+    Ok(done)
+}
+
+/// A problem found by [`environment_problems`], with its fix.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub what: String,
+    pub fix: String,
+}
+
+impl Problem {
+    fn new(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// Everything wrong with the database for this config, all at once.
+pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<Problem>> {
+    let mut problems = Vec::new();
+    let (schema, table) = cfg.outbox.qualified();
+    let q = |sql: &'static str| async move { client.query_one(sql, &[]).await.map_err(|e| from_pg(&e)) };
+
+    let wal_level: String = q("SHOW wal_level").await?.get(0);
+    if wal_level != "logical" {
+        problems.push(Problem::new(
+            format!("wal_level is {wal_level}, logical replication needs logical"),
+            "set wal_level = logical in postgresql.conf (or -c wal_level=logical) and restart PostgreSQL",
+        ));
+    }
+    let row = client
+        .query_one(
+            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?;
+    if !row.get::<_, bool>(0) {
+        problems.push(Problem::new(
+            "the relay's role has no REPLICATION privilege",
+            "ALTER ROLE <relay user> REPLICATION",
+        ));
+    }
+    let table_exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0);
+    if !table_exists {
+        problems.push(Problem::new(
+            format!("outbox table {schema}.{table} does not exist"),
+            "run `outbox-relay migrate`, or set [outbox] table to your table",
+        ));
+    } else {
+        let cols: Vec<String> = client
+            .query(
+                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(|e| from_pg(&e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (field, column) in cfg.outbox.columns.required_fields() {
+            if !cols.iter().any(|c| c == column) {
+                problems.push(Problem::new(
+                    format!("outbox table {schema}.{table} has no column {column:?} (field {field})"),
+                    format!("set [outbox.columns] {field} = \"<column name>\""),
+                ));
+            }
+        }
+    }
+    let publication = &cfg.postgres.publication;
+    let pub_row = client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?;
+    match pub_row {
+        None => problems.push(Problem::new(
+            format!("publication {publication} does not exist"),
+            "run `outbox-relay migrate`, or CREATE PUBLICATION ... FOR TABLE <outbox> WITH (publish = 'insert')",
+        )),
+        Some(r) => {
+            if !r.get::<_, bool>(0) {
+                problems.push(Problem::new(
+                    format!("publication {publication} does not publish inserts"),
+                    format!("ALTER PUBLICATION {publication} SET (publish = 'insert')"),
+                ));
+            }
+            let has_table: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+                    &[publication, &schema, &table],
+                )
+                .await
+                .map_err(|e| from_pg(&e))?
+                .get(0);
+            if table_exists && !has_table {
+                problems.push(Problem::new(
+                    format!("publication {publication} does not include {schema}.{table}"),
+                    format!("ALTER PUBLICATION {publication} ADD TABLE {schema}.{table}"),
+                ));
+            }
+        }
+    }
+    if let Some(slot) = slot_info(client, &cfg.postgres.slot).await? {
+        if slot.plugin.as_deref() != Some("pgoutput") {
+            problems.push(Problem::new(
+                format!(
+                    "slot {} uses plugin {:?}, the relay needs pgoutput",
+                    cfg.postgres.slot, slot.plugin
+                ),
+                "drop the slot (events not yet relayed from it are lost) or set postgres.slot to another name",
+            ));
+        }
+        if slot.database.as_deref() != Some(&current_database(client).await?) {
+            problems.push(Problem::new(
+                format!("slot {} belongs to another database ({:?})", cfg.postgres.slot, slot.database),
+                "set postgres.slot to a name unique to this database",
+            ));
+        }
+        if let Some(pid) = slot.active_pid {
+            problems.push(Problem::new(
+                format!("slot {} is in use by process {pid}", cfg.postgres.slot),
+                "another relay (or pg_recvlogical) is streaming from it; stop it, or this one will wait as a standby",
+            ));
+        }
+        if slot.wal_status.as_deref() == Some("lost") {
+            problems.push(Problem::new(
+                format!("slot {} is invalidated (wal_status = lost): WAL it needed was removed", cfg.postgres.slot),
+                "events committed while it was behind are lost from the stream; drop the slot, recreate it, and replay the gap from the table (see docs/operations.md)",
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+pub async fn current_database(client: &Client) -> Result<String> {
+    Ok(client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0))
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotInfo {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub wal_status: Option<String>,
+    pub lag_bytes: Option<i64>,
+    pub current_lsn: Option<String>,
+}
+
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status::text,
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, pg_current_wal_lsn()::text
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?;
+    Ok(row.map(|r| SlotInfo {
+        plugin: r.get(0),
+        database: r.get(1),
+        active_pid: r.get(2),
+        confirmed_flush_lsn: r.get(3),
+        wal_status: r.get(4),
+        lag_bytes: r.get(5),
+        current_lsn: r.get(6),
+    }))
+}
+
+/// Create the slot if it is missing. Returns whether it was created.
+pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool> {
+    if slot_info(client, slot).await?.is_some() {
+        return Ok(false);
+    }
+    match client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        // Another relay created it between our check and our create.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(false),
+        Err(e) => Err(from_pg(&e).context(format!("create replication slot {slot}"))),
+    }
+}
+
+/// Refuse to start when the environment cannot work; all problems in one error.
+pub async fn preflight(client: &Client, cfg: &Config) -> Result<()> {
+    let problems: Vec<Problem> = environment_problems(client, cfg)
+        .await?
+        .into_iter()
+        // An active slot is a standby situation, retried by the supervisor.
+        .filter(|p| !p.what.contains("is in use by process"))
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let what: Vec<String> = problems.iter().map(|p| p.what.clone()).collect();
+    let fix: Vec<String> = problems.iter().map(|p| p.fix.clone()).collect();
+    Err(Error::fatal(what.join("; ")).hint(fix.join("; ")))
+}

@@ -1,0 +1,89 @@
+//! The replication source: slot and publication admin ([`admin`]) and the pgoutput
+//! stream ([`Stream`]).
+//!
+//! `pgwire-replication` is the transport: it frames the protocol, answers keepalives
+//! that request a reply, and sends status feedback carrying the *applied* LSN we give
+//! it. Architecture invariant: we only ever give it a position from
+//! [`crate::progress::Tracker`], or a keepalive's `wal_end` while the tracker is idle.
+
+pub mod admin;
+
+use std::time::Duration;
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+
+use crate::config::Config;
+use crate::error::{Error, Result, from_repl};
+
+pub use pgwire_replication::ReplicationEvent as Event;
+
+/// An open replication stream.
+pub struct Stream {
+    client: ReplicationClient,
+}
+
+impl Stream {
+    /// Start streaming from `start` (0 = the slot's confirmed position).
+    pub async fn open(cfg: &Config, start: u64) -> Result<Stream> {
+        let pc = admin::pg_config(cfg)?;
+        let host = match pc.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
+            None => "127.0.0.1".to_string(),
+        };
+        let port = pc.get_ports().first().copied().unwrap_or(5432);
+        let user = pc.get_user().unwrap_or("postgres").to_string();
+        let password = pc
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let database = pc.get_dbname().unwrap_or(&user).to_string();
+        let rc = ReplicationConfig::new(
+            host,
+            user,
+            password,
+            database,
+            cfg.postgres.slot.clone(),
+            cfg.postgres.publication.clone(),
+        )
+        .with_port(port)
+        .with_tls(TlsConfig::disabled())
+        .with_start_lsn(Lsn::from_u64(start))
+        .with_status_interval(cfg.postgres.status_interval)
+        .with_wakeup_interval(Duration::from_secs(10))
+        .with_buffer_size(4096)
+        .with_application_name("outbox-relay");
+        let client = ReplicationClient::connect(rc).await.map_err(|e| from_repl(&e))?;
+        Ok(Stream { client })
+    }
+
+    /// Next event; `Ok(None)` when the server ended the stream.
+    pub async fn recv(&mut self) -> Result<Option<ReplicationEvent>> {
+        self.client.recv().await.map_err(|e| from_repl(&e))
+    }
+
+    /// Everything up to `lsn` is delivered: report it to the server (at the next status
+    /// interval, or at once when the server asks).
+    pub fn confirm(&self, lsn: u64) {
+        self.client.update_applied_lsn(Lsn::from_u64(lsn));
+    }
+
+    /// Graceful end: wait (bounded) until the server was told `lsn`, then close.
+    pub async fn close(mut self, lsn: Option<u64>, wait: Duration) -> Result<()> {
+        if let Some(lsn) = lsn {
+            self.confirm(lsn);
+            let metrics = self.client.metrics();
+            let deadline = tokio::time::Instant::now() + wait;
+            while metrics.last_applied_lsn().as_u64() < lsn && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if metrics.last_applied_lsn().as_u64() < lsn {
+                return Err(Error::transient(
+                    "final status feedback was not sent before the deadline",
+                ));
+            }
+        }
+        self.client.shutdown().await.map_err(|e| from_repl(&e))
+    }
+}
