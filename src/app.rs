@@ -152,12 +152,15 @@ impl Session<'_> {
             if let Some(lsn) = tracker.take_safe() {
                 self.confirm(&stream, lsn);
             }
-            self.health.in_flight.store(tracker.in_flight() as u64, Relaxed);
+            self.health
+                .in_flight
+                .store(tracker.in_flight() as u64, Relaxed);
         };
 
         // Stop reading; deliver what is in flight so the final position is as far as it
         // can honestly be; tell PostgreSQL; close.
-        let drain_deadline = tokio::time::Instant::now() + cfg.nats.ack_timeout + Duration::from_secs(1);
+        let drain_deadline =
+            tokio::time::Instant::now() + cfg.nats.ack_timeout + Duration::from_secs(1);
         if outcome.is_ok() {
             while sink.in_flight() > 0 {
                 match tokio::time::timeout_at(drain_deadline, sink.next_ack()).await {
@@ -249,8 +252,9 @@ impl Session<'_> {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    return Err(Error::fatal(format!("pgoutput: {e}"))
-                        .hint("this is a bug or an unsupported server; report it with the server version"));
+                    return Err(Error::fatal(format!("pgoutput: {e}")).hint(
+                        "this is a bug or an unsupported server; report it with the server version",
+                    ));
                 }
             },
             Event::Message { .. } | Event::StoppedAt { .. } => {}

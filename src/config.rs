@@ -236,7 +236,11 @@ pub fn redact_url(raw: &str) -> String {
                         k.as_ref(),
                         "password" | "pass" | "token" | "sslpassword" | "nkey" | "jwt"
                     );
-                    let v = if secret { "***".to_string() } else { v.into_owned() };
+                    let v = if secret {
+                        "***".to_string()
+                    } else {
+                        v.into_owned()
+                    };
                     (k.into_owned(), v)
                 })
                 .collect();
@@ -284,7 +288,11 @@ impl Config {
     /// Check values that need no I/O; the error names the key.
     pub fn validate(&self) -> Result<()> {
         let pg = url::Url::parse(self.postgres.url.expose()).map_err(|e| {
-            bad_key("postgres.url", format!("not a url ({e})"), "use postgres://user:password@host:5432/database")
+            bad_key(
+                "postgres.url",
+                format!("not a url ({e})"),
+                "use postgres://user:password@host:5432/database",
+            )
         })?;
         if !matches!(pg.scheme(), "postgres" | "postgresql") {
             return Err(bad_key(
@@ -293,16 +301,33 @@ impl Config {
                 "use postgres://user:password@host:5432/database",
             ));
         }
-        self.postgres.url.expose().parse::<tokio_postgres::Config>()
-            .map_err(|e| bad_key("postgres.url", e, "use postgres://user:password@host:5432/database"))?;
+        self.postgres
+            .url
+            .expose()
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| {
+                bad_key(
+                    "postgres.url",
+                    e,
+                    "use postgres://user:password@host:5432/database",
+                )
+            })?;
         check_ident("postgres.slot", &self.postgres.slot)?;
         check_ident("postgres.publication", &self.postgres.publication)?;
         if self.postgres.status_interval.is_zero() {
-            return Err(bad_key("postgres.status_interval", "must be > 0", "e.g. \"1s\""));
+            return Err(bad_key(
+                "postgres.status_interval",
+                "must be > 0",
+                "e.g. \"1s\"",
+            ));
         }
         let (schema, table) = self.outbox.qualified();
         if self.outbox.table.matches('.').count() > 1 {
-            return Err(bad_key("outbox.table", "expected schema.table", "e.g. \"public.outbox_events\""));
+            return Err(bad_key(
+                "outbox.table",
+                "expected schema.table",
+                "e.g. \"public.outbox_events\"",
+            ));
         }
         check_sql_name("outbox.table", &schema)?;
         check_sql_name("outbox.table", &table)?;
@@ -315,49 +340,94 @@ impl Config {
                 ));
             }
         }
-        let nats = url::Url::parse(self.nats.url.expose())
-            .map_err(|e| bad_key("nats.url", format!("not a url ({e})"), "use nats://host:4222"))?;
+        let nats = url::Url::parse(self.nats.url.expose()).map_err(|e| {
+            bad_key(
+                "nats.url",
+                format!("not a url ({e})"),
+                "use nats://host:4222",
+            )
+        })?;
         if !matches!(nats.scheme(), "nats" | "tls" | "ws" | "wss") {
             return Err(bad_key(
                 "nats.url",
-                format!("scheme must be nats:// or tls:// (got {}://)", nats.scheme()),
+                format!(
+                    "scheme must be nats:// or tls:// (got {}://)",
+                    nats.scheme()
+                ),
                 "use nats://host:4222",
             ));
         }
         if self.nats.max_in_flight == 0 {
-            return Err(bad_key("nats.max_in_flight", "must be at least 1", "the default is 4096"));
+            return Err(bad_key(
+                "nats.max_in_flight",
+                "must be at least 1",
+                "the default is 4096",
+            ));
         }
         if self.nats.ack_timeout.is_zero() {
             return Err(bad_key("nats.ack_timeout", "must be > 0", "e.g. \"5s\""));
         }
-        crate::route::Template::parse(&self.routing.subject)
-            .map_err(|e| bad_key("routing.subject", e, "e.g. \"outbox.{aggregate_type}.{event_topic}\""))?;
+        crate::route::Template::parse(&self.routing.subject).map_err(|e| {
+            bad_key(
+                "routing.subject",
+                e,
+                "e.g. \"outbox.{aggregate_type}.{event_topic}\"",
+            )
+        })?;
         crate::route::validate_subject(&self.routing.dead_letter_prefix).map_err(|e| {
-            bad_key("routing.dead_letter_prefix", e, "a literal subject prefix, e.g. \"outbox.dlq\"")
+            bad_key(
+                "routing.dead_letter_prefix",
+                e,
+                "a literal subject prefix, e.g. \"outbox.dlq\"",
+            )
         })?;
         if !self.http.listen.is_empty() {
             self.http.listen.parse::<SocketAddr>().map_err(|e| {
-                bad_key("http.listen", format!("{e}"), "host:port, e.g. \"127.0.0.1:9187\", or \"\" to disable")
+                bad_key(
+                    "http.listen",
+                    format!("{e}"),
+                    "host:port, e.g. \"127.0.0.1:9187\", or \"\" to disable",
+                )
             })?;
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(bad_key("log.format", format!("unknown format {:?}", self.log.format), "text or json"));
+            return Err(bad_key(
+                "log.format",
+                format!("unknown format {:?}", self.log.format),
+                "text or json",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| bad_key("log.level", e, "e.g. \"info\" or \"outbox_relay=debug\""))?;
         for (i, s) in self.streams.iter().enumerate() {
             let key = format!("streams[{i}]");
             if s.name.is_empty() || s.name.contains(['.', '*', '>', ' ', '/', '\\']) {
-                return Err(bad_key(&format!("{key}.name"), format!("invalid stream name {:?}", s.name), "letters, digits, - and _"));
+                return Err(bad_key(
+                    &format!("{key}.name"),
+                    format!("invalid stream name {:?}", s.name),
+                    "letters, digits, - and _",
+                ));
             }
             if s.subjects.is_empty() {
-                return Err(bad_key(&format!("{key}.subjects"), "empty", "list the subjects the stream captures, e.g. [\"outbox.>\"]"));
+                return Err(bad_key(
+                    &format!("{key}.subjects"),
+                    "empty",
+                    "list the subjects the stream captures, e.g. [\"outbox.>\"]",
+                ));
             }
             if !matches!(s.storage.as_str(), "file" | "memory") {
-                return Err(bad_key(&format!("{key}.storage"), format!("unknown storage {:?}", s.storage), "file or memory"));
+                return Err(bad_key(
+                    &format!("{key}.storage"),
+                    format!("unknown storage {:?}", s.storage),
+                    "file or memory",
+                ));
             }
             if s.replicas == 0 || s.replicas > 5 {
-                return Err(bad_key(&format!("{key}.replicas"), "must be 1..=5", "1 for a single server, 3 for a cluster"));
+                return Err(bad_key(
+                    &format!("{key}.replicas"),
+                    "must be 1..=5",
+                    "1 for a single server, 3 for a cluster",
+                ));
             }
         }
         Ok(())
@@ -373,17 +443,26 @@ fn bad_key(key: &str, problem: impl fmt::Display, hint: &str) -> Error {
 fn check_ident(key: &str, v: &str) -> Result<()> {
     let ok = !v.is_empty()
         && v.len() <= 63
-        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if ok {
         Ok(())
     } else {
-        Err(bad_key(key, format!("invalid name {v:?}"), "lowercase letters, digits and _, at most 63 characters"))
+        Err(bad_key(
+            key,
+            format!("invalid name {v:?}"),
+            "lowercase letters, digits and _, at most 63 characters",
+        ))
     }
 }
 
 fn check_sql_name(key: &str, v: &str) -> Result<()> {
     if v.is_empty() || v.len() > 63 || v.contains(['"', '\0']) {
-        return Err(bad_key(key, format!("invalid name {v:?}"), "e.g. \"public.outbox_events\""));
+        return Err(bad_key(
+            key,
+            format!("invalid name {v:?}"),
+            "e.g. \"public.outbox_events\"",
+        ));
     }
     Ok(())
 }
@@ -439,29 +518,55 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<()> {
         for p in path {
             default_section = match default_section.get(p) {
                 Some(toml::Value::Table(t)) => t,
-                _ => return Err(Error::fatal(format!("environment variable {name}: no such config section"))),
+                _ => {
+                    return Err(Error::fatal(format!(
+                        "environment variable {name}: no such config section"
+                    )));
+                }
             };
         }
         let dotted = format!("{}.{key}", path.join("."));
         let Some(default) = default_section.get(&key) else {
-            return Err(Error::fatal(format!("environment variable {name}: unknown config key {dotted}"))
-                .hint("docs/configuration.md lists every key"));
+            return Err(Error::fatal(format!(
+                "environment variable {name}: unknown config key {dotted}"
+            ))
+            .hint("docs/configuration.md lists every key"));
         };
         let typed = match default {
             toml::Value::String(_) => toml::Value::String(value.to_string()),
-            toml::Value::Integer(_) => toml::Value::Integer(value.trim().parse().map_err(|_| {
-                bad_key(&dotted, format!("{name}={value:?} is not an integer"), "give a whole number")
-            })?),
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(value.trim().parse().map_err(|_| {
+                    bad_key(
+                        &dotted,
+                        format!("{name}={value:?} is not an integer"),
+                        "give a whole number",
+                    )
+                })?)
+            }
             toml::Value::Boolean(_) => toml::Value::Boolean(match value.trim() {
                 "true" | "1" | "yes" => true,
                 "false" | "0" | "no" => false,
-                _ => return Err(bad_key(&dotted, format!("{name}={value:?} is not a boolean"), "true or false")),
+                _ => {
+                    return Err(bad_key(
+                        &dotted,
+                        format!("{name}={value:?} is not a boolean"),
+                        "true or false",
+                    ));
+                }
             }),
             toml::Value::Float(_) => toml::Value::Float(value.trim().parse().map_err(|_| {
-                bad_key(&dotted, format!("{name}={value:?} is not a number"), "give a number")
+                bad_key(
+                    &dotted,
+                    format!("{name}={value:?} is not a number"),
+                    "give a number",
+                )
             })?),
             _ => {
-                return Err(bad_key(&dotted, format!("{name} cannot override a list or table"), "set it in the config file"));
+                return Err(bad_key(
+                    &dotted,
+                    format!("{name} cannot override a list or table"),
+                    "set it in the config file",
+                ));
             }
         };
         let mut target = &mut *table;
@@ -484,7 +589,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -504,7 +612,10 @@ listen = "127.0.0.1:9187"
         let cfg = Config::from_sources(text, &[]).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.postgres.slot, "outbox_relay");
-        assert_eq!(cfg.outbox.qualified(), ("public".into(), "outbox_events".into()));
+        assert_eq!(
+            cfg.outbox.qualified(),
+            ("public".into(), "outbox_events".into())
+        );
     }
 
     #[test]
@@ -536,9 +647,12 @@ listen = "127.0.0.1:9187"
     #[test]
     fn env_unknown_key_or_bad_value_is_named() {
         let err = Config::from_sources("", &env(&[("OUTBOX_RELAY_NATS_URLL", "x")])).unwrap_err();
-        assert!(err.message.contains("OUTBOX_RELAY_NATS_URLL") && err.message.contains("nats.urll"), "{err}");
-        let err =
-            Config::from_sources("", &env(&[("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT", "many")])).unwrap_err();
+        assert!(
+            err.message.contains("OUTBOX_RELAY_NATS_URLL") && err.message.contains("nats.urll"),
+            "{err}"
+        );
+        let err = Config::from_sources("", &env(&[("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT", "many")]))
+            .unwrap_err();
         assert!(err.message.contains("nats.max_in_flight"), "{err}");
         let err = Config::from_sources("", &env(&[("OUTBOX_RELAY_KAFKA_URL", "x")])).unwrap_err();
         assert!(err.message.contains("OUTBOX_RELAY_KAFKA_URL"), "{err}");
@@ -554,10 +668,20 @@ listen = "127.0.0.1:9187"
         assert!(cfg.validate().unwrap_err().message.contains("nats.url"));
         let mut cfg = Config::default();
         cfg.routing.subject = "outbox.{nope}".into();
-        assert!(cfg.validate().unwrap_err().message.contains("routing.subject"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .message
+                .contains("routing.subject")
+        );
         let mut cfg = Config::default();
         cfg.postgres.slot = "Bad-Slot".into();
-        assert!(cfg.validate().unwrap_err().message.contains("postgres.slot"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .message
+                .contains("postgres.slot")
+        );
         let mut cfg = Config::default();
         cfg.http.listen = "nowhere".into();
         assert!(cfg.validate().unwrap_err().message.contains("http.listen"));
@@ -568,7 +692,10 @@ listen = "127.0.0.1:9187"
     fn secrets_are_redacted() {
         let u = SecretUrl::new("postgres://app:s3cret-pw@db:5432/app?sslmode=disable&password=x2");
         let shown = format!("{u} {u:?}");
-        assert!(!shown.contains("s3cret-pw") && !shown.contains("x2"), "{shown}");
+        assert!(
+            !shown.contains("s3cret-pw") && !shown.contains("x2"),
+            "{shown}"
+        );
         assert!(shown.contains("app:***@db"), "{shown}");
         let n = SecretUrl::new("nats://tok3n@127.0.0.1:4222");
         assert!(!n.to_string().contains("tok3n"));

@@ -103,8 +103,11 @@ pub fn from_pg(err: &tokio_postgres::Error) -> Error {
     }
     // No SQLSTATE: the connection failed or closed. The Display of tokio-postgres
     // errors never includes the password.
-    Error::transient(format!("postgresql connection: {}", lower(&err.to_string())))
-        .hint("check that PostgreSQL is running and reachable at postgres.url")
+    Error::transient(format!(
+        "postgresql connection: {}",
+        lower(&err.to_string())
+    ))
+    .hint("check that PostgreSQL is running and reachable at postgres.url")
 }
 
 /// Classify an error of the replication transport.

@@ -10,7 +10,11 @@ use outbox_relay::error::Error;
 use outbox_relay::{app, cli, http, metrics::Health, source::admin};
 
 #[derive(Parser)]
-#[command(name = "outbox-relay", version, about = "Streams PostgreSQL outbox INSERTs to NATS JetStream, exactly once")]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Streams PostgreSQL outbox INSERTs to NATS JetStream, exactly once"
+)]
 struct Args {
     /// TOML config file; every key can also be set as OUTBOX_RELAY_<SECTION>_<KEY>.
     #[arg(long, short, env = "OUTBOX_RELAY_CONFIG", global = true)]
@@ -41,9 +45,16 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     init_tracing(&cfg);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
-        Err(e) => return fail(&Error::fatal(format!("cannot start the async runtime: {e}"))),
+        Err(e) => {
+            return fail(&Error::fatal(format!(
+                "cannot start the async runtime: {e}"
+            )));
+        }
     };
     rt.block_on(async move {
         match args.command {
@@ -64,7 +75,9 @@ fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
         builder.json().init();
     } else {
@@ -109,7 +122,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -170,7 +186,11 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
             } else {
                 cli::print_status(&st);
             }
-            if st.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if st.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => fail(&e),
     }

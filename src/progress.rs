@@ -58,7 +58,9 @@ impl Tracker {
         let Some(i) = t.0.checked_sub(self.base) else {
             return;
         };
-        if let Some(Entry::Message { done }) = usize::try_from(i).ok().and_then(|i| self.entries.get_mut(i))
+        if let Some(Entry::Message { done }) = usize::try_from(i)
+            .ok()
+            .and_then(|i| self.entries.get_mut(i))
             && !*done
         {
             *done = true;
@@ -143,7 +145,10 @@ mod tests {
         let mut t = Tracker::new();
         let a = t.push_message();
         t.ack(a);
-        assert!(t.is_idle(), "acked messages of an open tx leave nothing to wait for");
+        assert!(
+            t.is_idle(),
+            "acked messages of an open tx leave nothing to wait for"
+        );
         assert_eq!(t.take_safe(), None, "but the open tx has no commit yet");
         let _b = t.push_message();
         assert!(!t.is_idle());

@@ -1,6 +1,8 @@
 //! Integration tests. Test modules are added below `selftest`.
 //! Needs PostgreSQL server binaries and nats-server: `bash scripts/setup.sh`.
 
+mod core;
+mod harness;
 mod support;
 
 /// Self-tests of the test support code: `cargo test --test main selftest`.
@@ -15,13 +17,19 @@ mod selftest {
 
     async fn count_rows(pg: &Postgres) -> i64 {
         let c = pg.client("app").await;
-        c.query_one("SELECT count(*) FROM t", &[]).await.expect("count").get(0)
+        c.query_one("SELECT count(*) FROM t", &[])
+            .await
+            .expect("count")
+            .get(0)
     }
 
     async fn slot_exists(pg: &Postgres) -> bool {
         let c = pg.client("postgres").await;
         let n: i64 = c
-            .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 's'", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 's'",
+                &[],
+            )
             .await
             .expect("slots")
             .get(0);
@@ -32,26 +40,42 @@ mod selftest {
     async fn postgres_logical_slot_and_restarts() {
         let t = Instant::now();
         let mut pg = Postgres::start();
-        eprintln!("Postgres::start took {:?} (port {})", t.elapsed(), pg.port());
+        eprintln!(
+            "Postgres::start took {:?} (port {})",
+            t.elapsed(),
+            pg.port()
+        );
         assert!(pg.bin("pg_recvlogical").is_file());
         assert!(pg.data_dir().join("PG_VERSION").is_file());
-        assert_eq!(pg.url("x"), format!("postgres://postgres@127.0.0.1:{}/x", pg.port()));
+        assert_eq!(
+            pg.url("x"),
+            format!("postgres://postgres@127.0.0.1:{}/x", pg.port())
+        );
 
         let c = pg.client("postgres").await;
         let wal_level: String = c.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
         assert_eq!(wal_level, "logical");
-        let user: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+        let user: String = c
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(user, "postgres");
 
         pg.create_database("app").await;
         let app = pg.client("app").await;
-        app.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');")
-            .await
-            .unwrap();
+        app.batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a');",
+        )
+        .await
+        .unwrap();
         // A logical slot in the app database proves wal_level=logical works end to end.
-        app.query_one("SELECT pg_create_logical_replication_slot('s', 'pgoutput')", &[])
-            .await
-            .unwrap();
+        app.query_one(
+            "SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
+            &[],
+        )
+        .await
+        .unwrap();
 
         // Immediate (crash-like) stop: committed data and the slot survive recovery.
         let pid = pg.pid().expect("running");
@@ -61,12 +85,19 @@ mod selftest {
         assert!(app.is_closed() || app.simple_query("SELECT 1").await.is_err());
         let t = Instant::now();
         pg.start_again();
-        eprintln!("Postgres::start_again after Immediate took {:?}", t.elapsed());
+        eprintln!(
+            "Postgres::start_again after Immediate took {:?}",
+            t.elapsed()
+        );
         assert_eq!(count_rows(&pg).await, 1);
         assert!(slot_exists(&pg).await);
 
         // Fast (clean) stop.
-        pg.client("app").await.execute("INSERT INTO t VALUES (2, 'b')", &[]).await.unwrap();
+        pg.client("app")
+            .await
+            .execute("INSERT INTO t VALUES (2, 'b')", &[])
+            .await
+            .unwrap();
         pg.stop(StopMode::Fast);
         assert!(!port_accepts(pg.port()));
         pg.stop(StopMode::Fast); // no-op when stopped
@@ -74,7 +105,11 @@ mod selftest {
         assert_eq!(count_rows(&pg).await, 2);
 
         // SIGKILL of the whole server.
-        pg.client("app").await.execute("INSERT INTO t VALUES (3, 'c')", &[]).await.unwrap();
+        pg.client("app")
+            .await
+            .execute("INSERT INTO t VALUES (3, 'c')", &[])
+            .await
+            .unwrap();
         let pid = pg.pid().expect("running");
         pg.kill();
         assert!(!pid_alive(pid));
@@ -88,23 +123,102 @@ mod selftest {
 
     #[tokio::test]
     async fn postgres_start_with_overrides_settings() {
-        let pg = Postgres::start_with(&[("wal_level", "replica"), ("application_name", "selftest")]);
+        let pg =
+            Postgres::start_with(&[("wal_level", "replica"), ("application_name", "selftest")]);
         let c = pg.client("postgres").await;
         let wal_level: String = c.query_one("SHOW wal_level", &[]).await.unwrap().get(0);
         assert_eq!(wal_level, "replica");
         let err = c
-            .query_one("SELECT pg_create_logical_replication_slot('s', 'pgoutput')", &[])
+            .query_one(
+                "SELECT pg_create_logical_replication_slot('s', 'pgoutput')",
+                &[],
+            )
             .await
             .expect_err("logical slot must fail with wal_level=replica");
         let msg = format!("{err:?}");
         assert!(msg.contains("wal_level"), "unexpected error: {msg}");
     }
 
+    /// Fast shutdown waits for walsenders; with a live logical consumer
+    /// (pg_recvlogical) it must still finish promptly, and the consumer's
+    /// connection must end.
+    #[tokio::test]
+    async fn postgres_fast_stop_with_active_logical_consumer() {
+        let mut pg = Postgres::start();
+        let c = pg.client("postgres").await;
+        c.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t;")
+            .await
+            .unwrap();
+        // Own statement: a slot cannot be created in a transaction that wrote.
+        c.batch_execute("SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
+            .await
+            .unwrap();
+        let mut recv = std::process::Command::new(pg.bin("pg_recvlogical"))
+            .args([
+                "-d",
+                &pg.url("postgres"),
+                "--slot",
+                "s",
+                "--start",
+                "-f",
+                "/dev/null",
+            ])
+            .args([
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=pub",
+                "-s",
+                "1",
+            ])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn pg_recvlogical");
+        wait_for("slot s to be active", Duration::from_secs(10), || async {
+            let r = c
+                .query_one(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = 's'",
+                    &[],
+                )
+                .await;
+            r.map(|row| row.get::<_, bool>(0)).unwrap_or(false)
+        })
+        .await;
+        c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+        let t = Instant::now();
+        pg.stop(StopMode::Fast);
+        eprintln!(
+            "stop(Fast) with an active pg_recvlogical took {:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(30));
+        let _ = recv.kill();
+        let _ = recv.wait();
+        pg.start_again();
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "exited during startup")]
+    async fn postgres_bad_setting_panics_with_log() {
+        let _pg = Postgres::start_with(&[("wal_level", "bogus")]);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "exited during startup")]
+    async fn nats_bad_config_panics_with_log() {
+        let _nats = Nats::start_with("this is { not valid");
+    }
+
     #[tokio::test]
     async fn nats_stream_survives_restart_and_kill() {
         let t = Instant::now();
         let mut nats = Nats::start();
-        eprintln!("Nats::start took {:?} (port {}, version {})", t.elapsed(), nats.port(), nats.version());
+        eprintln!(
+            "Nats::start took {:?} (port {}, version {})",
+            t.elapsed(),
+            nats.port(),
+            nats.version()
+        );
         assert!(nats.version_tuple() >= (2, 9, 0));
 
         let js = nats.jetstream().await;
@@ -115,7 +229,12 @@ mod selftest {
         })
         .await
         .unwrap();
-        let ack = js.publish("s.a", "hello".into()).await.unwrap().await.unwrap();
+        let ack = js
+            .publish("s.a", "hello".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         assert_eq!(ack.sequence, 1);
 
         nats.stop();
@@ -129,13 +248,21 @@ mod selftest {
         let msg = stream.get_raw_message(1).await.unwrap();
         assert_eq!(&msg.payload[..], b"hello");
 
-        let ack = js.publish("s.b", "world".into()).await.unwrap().await.unwrap();
+        let ack = js
+            .publish("s.b", "world".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         assert_eq!(ack.sequence, 2);
         nats.kill();
         nats.start_again();
         let js = nats.jetstream().await;
         let stream = js.get_stream("S").await.unwrap();
-        assert_eq!(&stream.get_raw_message(2).await.unwrap().payload[..], b"world");
+        assert_eq!(
+            &stream.get_raw_message(2).await.unwrap().payload[..],
+            b"world"
+        );
     }
 
     #[tokio::test]
@@ -182,7 +309,10 @@ mod selftest {
         pg1.create_database("only_in_1").await;
         let c2 = pg2.client("postgres").await;
         let n: i64 = c2
-            .query_one("SELECT count(*) FROM pg_database WHERE datname = 'only_in_1'", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_database WHERE datname = 'only_in_1'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
@@ -221,6 +351,9 @@ mod selftest {
     #[tokio::test]
     #[should_panic(expected = "waiting for the impossible")]
     async fn wait_for_panics_on_timeout() {
-        wait_for("the impossible", Duration::from_millis(200), || async { false }).await;
+        wait_for("the impossible", Duration::from_millis(200), || async {
+            false
+        })
+        .await;
     }
 }

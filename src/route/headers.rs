@@ -121,8 +121,9 @@ pub fn format_lsn(lsn: u64) -> String {
 }
 
 fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
-    let v = HeaderValue::from_str(value)
-        .unwrap_or_else(|_| HeaderValue::from_str(&value.replace(['\r', '\n'], " ")).unwrap_or_default());
+    let v = HeaderValue::from_str(value).unwrap_or_else(|_| {
+        HeaderValue::from_str(&value.replace(['\r', '\n'], " ")).unwrap_or_default()
+    });
     h.insert(name.clone(), v);
 }
 
@@ -152,9 +153,8 @@ fn metadata_headers(h: &mut HeaderMap, raw: &bytes::Bytes) {
             serde_json::Value::Bool(b) => b.to_string(),
             _ => continue,
         };
-        let valid_name = !k.is_empty()
-            && k.len() <= 128
-            && k.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        let valid_name =
+            !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic() && b != b':');
         if !valid_name {
             continue;
         }

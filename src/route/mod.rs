@@ -78,7 +78,13 @@ impl Router {
                 }
                 Err((subject, reason)) => {
                     let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
-                    self.envelope(ev, pos, sanitize_subject_for_dlq(&subject), msg_id, Some(reason))
+                    self.envelope(
+                        ev,
+                        pos,
+                        sanitize_subject_for_dlq(&subject),
+                        msg_id,
+                        Some(reason),
+                    )
                 }
             })
             .collect()
@@ -110,9 +116,8 @@ type Target = Result<String, (String, String)>;
 /// `destination_topics` is a JSON array of subject strings. Each is validated strictly
 /// (no sanitising: an explicit subject is used as written or refused).
 fn destination_subjects(raw: &Bytes) -> Result<Vec<Target>, String> {
-    let list: Vec<String> = serde_json::from_slice(raw).map_err(|_| {
-        "destination_topics must be a json array of subject strings".to_string()
-    })?;
+    let list: Vec<String> = serde_json::from_slice(raw)
+        .map_err(|_| "destination_topics must be a json array of subject strings".to_string())?;
     if list.is_empty() {
         return Err("destination_topics is an empty array".into());
     }

@@ -113,9 +113,14 @@ impl Template {
                 Part::Literal(l) => out.push_str(l),
                 Part::Field(f) => {
                     let v = f.value(ev).filter(|v| !v.is_empty()).ok_or_else(|| {
-                        format!("field {} is null or empty but routing.subject uses it", f.name())
+                        format!(
+                            "field {} is null or empty but routing.subject uses it",
+                            f.name()
+                        )
                     })?;
-                    if v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+                    if v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                    {
                         out.push_str(v);
                     } else {
                         out.push_str(&sanitize_token(v));

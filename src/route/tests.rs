@@ -41,7 +41,10 @@ fn default_template_routes_and_sets_headers() {
     assert_eq!(e.subject, "outbox.order.created");
     assert!(e.dead_letter.is_none());
     assert_eq!(e.payload.as_ref(), br#"{"a": 1}"#);
-    assert_eq!(header(e, "Nats-Msg-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+    assert_eq!(
+        header(e, "Nats-Msg-Id"),
+        Some("0b0c9d2e-0000-4000-8000-000000000001")
+    );
     assert_eq!(header(e, "Outbox-Event-Topic"), Some("created"));
     assert_eq!(header(e, "Outbox-Aggregate-Type"), Some("order"));
     assert_eq!(header(e, "Outbox-Aggregate-Id"), Some("42"));
@@ -70,13 +73,21 @@ fn null_template_field_is_dead_lettered_with_reason() {
 #[test]
 fn empty_token_from_dots_is_dead_lettered() {
     let envs = router().route(&event("a..b", Some("order")), POS);
-    assert!(envs[0].dead_letter.as_deref().unwrap().contains("empty token"));
+    assert!(
+        envs[0]
+            .dead_letter
+            .as_deref()
+            .unwrap()
+            .contains("empty token")
+    );
 }
 
 #[test]
 fn destination_topics_fan_out_with_distinct_msg_ids() {
     let mut ev = event("created", Some("order"));
-    ev.destination_topics = Some(Bytes::from_static(br#"["billing.orders", "audit.all", "billing.orders"]"#));
+    ev.destination_topics = Some(Bytes::from_static(
+        br#"["billing.orders", "audit.all", "billing.orders"]"#,
+    ));
     let envs = router().route(&ev, POS);
     let subjects: Vec<&str> = envs.iter().map(|e| e.subject.as_str()).collect();
     assert_eq!(subjects, ["billing.orders", "audit.all"]);
@@ -84,7 +95,10 @@ fn destination_topics_fan_out_with_distinct_msg_ids() {
         header(&envs[0], "Nats-Msg-Id"),
         Some("0b0c9d2e-0000-4000-8000-000000000001:billing.orders")
     );
-    assert_eq!(header(&envs[1], "Outbox-Event-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+    assert_eq!(
+        header(&envs[1], "Outbox-Event-Id"),
+        Some("0b0c9d2e-0000-4000-8000-000000000001")
+    );
 }
 
 #[test]
@@ -92,20 +106,36 @@ fn destination_topics_single_keeps_plain_msg_id_and_null_means_template() {
     let mut ev = event("created", Some("order"));
     ev.destination_topics = Some(Bytes::from_static(br#"["billing.orders"]"#));
     let envs = router().route(&ev, POS);
-    assert_eq!(header(&envs[0], "Nats-Msg-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+    assert_eq!(
+        header(&envs[0], "Nats-Msg-Id"),
+        Some("0b0c9d2e-0000-4000-8000-000000000001")
+    );
     ev.destination_topics = Some(Bytes::from_static(b"null"));
     assert_eq!(router().route(&ev, POS)[0].subject, "outbox.order.created");
 }
 
 #[test]
 fn hostile_destination_topics_are_refused() {
-    for bad in [r#"["a.>"]"#, r#"["$JS.API.STREAM.DELETE.X"]"#, r#"["a..b"]"#, r#"["a b"]"#, r#"[""]"#, r#""x""#, "[1]", "[]"] {
+    for bad in [
+        r#"["a.>"]"#,
+        r#"["$JS.API.STREAM.DELETE.X"]"#,
+        r#"["a..b"]"#,
+        r#"["a b"]"#,
+        r#"[""]"#,
+        r#""x""#,
+        "[1]",
+        "[]",
+    ] {
         let mut ev = event("created", Some("order"));
         ev.destination_topics = Some(Bytes::copy_from_slice(bad.as_bytes()));
         let envs = router().route(&ev, POS);
-        assert!(envs.iter().all(|e| e.dead_letter.is_some()), "{bad} was accepted");
+        assert!(
+            envs.iter().all(|e| e.dead_letter.is_some()),
+            "{bad} was accepted"
+        );
         for e in &envs {
-            validate_subject(&e.subject).unwrap_or_else(|err| panic!("dlq tail {:?} invalid: {err}", e.subject));
+            validate_subject(&e.subject)
+                .unwrap_or_else(|err| panic!("dlq tail {:?} invalid: {err}", e.subject));
         }
     }
     let long = format!(r#"["{}"]"#, "a".repeat(300));
@@ -127,7 +157,10 @@ fn metadata_becomes_headers_but_cannot_forge_ours() {
         Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     );
     assert_eq!(header(e, "user_id"), Some("7"));
-    assert_eq!(header(e, "Nats-Msg-Id"), Some("0b0c9d2e-0000-4000-8000-000000000001"));
+    assert_eq!(
+        header(e, "Nats-Msg-Id"),
+        Some("0b0c9d2e-0000-4000-8000-000000000001")
+    );
     assert_eq!(header(e, "Outbox-Tenant-Id"), Some("default"));
     assert_eq!(header(e, "crlf"), None);
     assert_eq!(header(e, "nested"), None);
@@ -151,7 +184,11 @@ fn crlf_in_column_does_not_block_event() {
 
 #[test]
 fn template_parse_errors() {
-    assert!(Template::parse("outbox.{nope}").unwrap_err().contains("nope"));
+    assert!(
+        Template::parse("outbox.{nope}")
+            .unwrap_err()
+            .contains("nope")
+    );
     assert!(Template::parse("outbox.{event_topic").is_err());
     assert!(Template::parse("outbox.>").is_err());
     assert!(Template::parse("outbox..{event_topic}").is_err());

@@ -42,8 +42,11 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
         .connect(cfg.nats.url.expose())
         .await
         .map_err(|e| {
-            Error::transient(format!("connect to nats at {}: {e}", cfg.nats.url.redacted()))
-                .hint("check that nats-server is running with -js and reachable at nats.url")
+            Error::transient(format!(
+                "connect to nats at {}: {e}",
+                cfg.nats.url.redacted()
+            ))
+            .hint("check that nats-server is running with -js and reachable at nats.url")
         })
 }
 
@@ -135,7 +138,8 @@ impl Sink {
     async fn dead_letter(&mut self, env: Envelope, reason: &str) -> Result<()> {
         let subject = format!("{}.{}", self.dlq_prefix, env.subject);
         let mut headers = env.headers.clone();
-        let reason_value = HeaderValue::from_str(&reason.replace(['\r', '\n'], " ")).unwrap_or_default();
+        let reason_value =
+            HeaderValue::from_str(&reason.replace(['\r', '\n'], " ")).unwrap_or_default();
         if let Ok(n) = HeaderName::from_str(header_names()[12]) {
             headers.insert(n, reason_value);
         }
@@ -164,7 +168,9 @@ impl Sink {
                 self.js
                     .send_publish(
                         subject.clone(),
-                        jetstream::message::PublishMessage::build().payload(payload).headers(headers),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload)
+                            .headers(headers),
                     )
                     .await
                     .map_err(|e| publish_error(&e))?

@@ -13,9 +13,10 @@ pub async fn ensure(js: &jetstream::Context, cfg: &Config) -> Result<()> {
         let want = stream_config(s);
         match js.get_stream(&s.name).await {
             Ok(mut existing) => {
-                let info = existing.info().await.map_err(|e| {
-                    Error::transient(format!("stream {}: {e}", s.name))
-                })?;
+                let info = existing
+                    .info()
+                    .await
+                    .map_err(|e| Error::transient(format!("stream {}: {e}", s.name)))?;
                 let have = &info.config;
                 let differs = have.subjects != want.subjects
                     || have.num_replicas != want.num_replicas
@@ -39,7 +40,12 @@ pub async fn ensure(js: &jetstream::Context, cfg: &Config) -> Result<()> {
                     tracing::info!(stream = %s.name, "stream updated from [[streams]]");
                 }
             }
-            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(_)) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamErrorKind::JetStream(_)
+                ) =>
+            {
                 js.create_stream(want).await.map_err(|e| {
                     Error::fatal(format!("create stream {}: {e}", s.name))
                         .hint("check that no other stream captures the same subjects and JetStream has room")
@@ -97,7 +103,9 @@ pub async fn stream_for(js: &jetstream::Context, subject: &str) -> Result<Option
             if text.contains("not found") || text.contains("no stream") {
                 Ok(None)
             } else {
-                Err(Error::transient(format!("look up stream for {subject}: {e}")))
+                Err(Error::transient(format!(
+                    "look up stream for {subject}: {e}"
+                )))
             }
         }
     }

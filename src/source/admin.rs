@@ -22,9 +22,10 @@ pub fn pg_config(cfg: &Config) -> Result<tokio_postgres::Config> {
 /// Connect for SQL; the connection task is spawned and logs its end at debug level.
 pub async fn connect(cfg: &Config) -> Result<Client> {
     let pc = pg_config(cfg)?;
-    let (client, conn) = pc.connect(NoTls).await.map_err(|e| {
-        from_pg(&e).context(format!("connect to {}", cfg.postgres.url.redacted()))
-    })?;
+    let (client, conn) = pc
+        .connect(NoTls)
+        .await
+        .map_err(|e| from_pg(&e).context(format!("connect to {}", cfg.postgres.url.redacted())))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %crate::error::from_pg(&e), "sql connection ended");
@@ -48,9 +49,12 @@ pub async fn migrate(client: &mut Client, cfg: &Config) -> Result<Vec<String>> {
             .replace("{publication}", publication)
     };
     let tx = client.transaction().await.map_err(|e| from_pg(&e))?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('outbox-relay migrate'))", &[])
-        .await
-        .map_err(|e| from_pg(&e))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('outbox-relay migrate'))",
+        &[],
+    )
+    .await
+    .map_err(|e| from_pg(&e))?;
     let exists: bool = tx
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
@@ -69,16 +73,41 @@ pub async fn migrate(client: &mut Client, cfg: &Config) -> Result<Vec<String>> {
         ))
         .await
         .map_err(|e| from_pg(&e))?;
-        tx.batch_execute(&fill(include_str!("../../migrations/V1__outbox_events.sql")))
-            .await
-            .map_err(|e| from_pg(&e).context("migration V1__outbox_events"))?;
+        tx.batch_execute(&fill(include_str!(
+            "../../migrations/V1__outbox_events.sql"
+        )))
+        .await
+        .map_err(|e| from_pg(&e).context("migration V1__outbox_events"))?;
         done.push(format!("created table {schema}.{table} and its indexes"));
     }
     tx.batch_execute(&fill(include_str!("../../migrations/V2__publication.sql")))
         .await
         .map_err(|e| from_pg(&e).context("migration V2__publication"))?;
-    done.push(format!("publication {publication} publishes inserts of {schema}.{table}"));
+    done.push(format!(
+        "publication {publication} publishes inserts of {schema}.{table}"
+    ));
     tx.commit().await.map_err(|e| from_pg(&e))?;
+    // The slot starts capturing at creation: creating it here, not at the first `run`,
+    // means rows committed between `migrate` and the first `run` are not missed.
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0);
+    let slot = &cfg.postgres.slot;
+    if wal_level == "logical" {
+        if ensure_slot(client, slot).await? {
+            done.push(format!(
+                "created replication slot {slot}: events are captured from now on"
+            ));
+        } else {
+            done.push(format!("replication slot {slot} exists"));
+        }
+    } else {
+        done.push(format!(
+            "warning: wal_level is {wal_level}: replication slot {slot} not created; set wal_level = logical and restart PostgreSQL"
+        ));
+    }
     Ok(done)
 }
 
@@ -151,7 +180,9 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
         for (field, column) in cfg.outbox.columns.required_fields() {
             if !cols.iter().any(|c| c == column) {
                 problems.push(Problem::new(
-                    format!("outbox table {schema}.{table} has no column {column:?} (field {field})"),
+                    format!(
+                        "outbox table {schema}.{table} has no column {column:?} (field {field})"
+                    ),
                     format!("set [outbox.columns] {field} = \"<column name>\""),
                 ));
             }
@@ -205,7 +236,10 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
         }
         if slot.database.as_deref() != Some(&current_database(client).await?) {
             problems.push(Problem::new(
-                format!("slot {} belongs to another database ({:?})", cfg.postgres.slot, slot.database),
+                format!(
+                    "slot {} belongs to another database ({:?})",
+                    cfg.postgres.slot, slot.database
+                ),
                 "set postgres.slot to a name unique to this database",
             ));
         }

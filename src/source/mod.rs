@@ -54,7 +54,9 @@ impl Stream {
         .with_wakeup_interval(Duration::from_secs(10))
         .with_buffer_size(4096)
         .with_application_name("outbox-relay");
-        let client = ReplicationClient::connect(rc).await.map_err(|e| from_repl(&e))?;
+        let client = ReplicationClient::connect(rc)
+            .await
+            .map_err(|e| from_repl(&e))?;
         Ok(Stream { client })
     }
 
@@ -75,7 +77,9 @@ impl Stream {
             self.confirm(lsn);
             let metrics = self.client.metrics();
             let deadline = tokio::time::Instant::now() + wait;
-            while metrics.last_applied_lsn().as_u64() < lsn && tokio::time::Instant::now() < deadline {
+            while metrics.last_applied_lsn().as_u64() < lsn
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if metrics.last_applied_lsn().as_u64() < lsn {

@@ -1,9 +1,12 @@
 //! Integration-test support: throwaway PostgreSQL clusters and NATS servers on
 //! free loopback ports, plus small polling helpers.
 //!
-//! Every server lives in its own temp dir under `<temp_dir>/outbox-relay-tests/`
+//! Every server lives in its own temp dir under `<temp_dir>/outbox-relay-tests-<uid>/`
 //! and is stopped and removed on drop, so tests can run in parallel. Set
 //! `OUTBOX_RELAY_KEEP_TEST_DIRS=1` to keep the dirs (logs, data) for debugging.
+//! Servers left behind by a test process that was killed (SIGKILL, timeout)
+//! are stopped and their dirs removed by the next test process that starts a
+//! server (see [`sweep_stale_dirs`]).
 //!
 //! Signals are sent with `kill -s SIG pid` (no libc/nix in the dependencies);
 //! process liveness is read from `/proc` (Linux only, like the relay itself).
@@ -56,7 +59,9 @@ where
         match tokio::time::timeout(remaining, f()).await {
             Ok(true) => return,
             Ok(false) => {}
-            Err(_) => panic!("timed out after {deadline:?} waiting for {what} (last check did not finish)"),
+            Err(_) => panic!(
+                "timed out after {deadline:?} waiting for {what} (last check did not finish)"
+            ),
         }
         if start.elapsed() >= deadline {
             panic!("timed out after {deadline:?} waiting for {what}");
@@ -98,7 +103,10 @@ pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // Format: "pid (comm) S ...": the state follows the last ')'.
         Ok(stat) => match stat.rfind(')') {
-            Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z') | Some('X')),
+            Some(i) => !matches!(
+                stat[i + 1..].trim_start().chars().next(),
+                Some('Z') | Some('X')
+            ),
             None => true,
         },
         Err(_) => false,
@@ -108,13 +116,22 @@ pub fn pid_alive(pid: u32) -> bool {
 /// Direct children of `pid` (scans /proc/*/stat for the parent pid).
 pub fn child_pids(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in entries.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
         let Some(i) = stat.rfind(')') else { continue };
         // After ')': state, ppid, ...
-        let ppid = stat[i + 1..].split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        let ppid = stat[i + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
         if ppid == Some(pid) {
             out.push(child);
         }
@@ -225,6 +242,7 @@ pub fn test_base_dir() -> PathBuf {
             // Best effort: another process may own it (then it is already 0755).
             let _ = std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755));
             if world_traversable(&base) {
+                sweep_stale_dirs(&base);
                 return base;
             }
         }
@@ -234,10 +252,115 @@ pub fn test_base_dir() -> PathBuf {
 }
 
 fn world_traversable(dir: &Path) -> bool {
-    let Ok(dir) = dir.canonicalize() else { return false };
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
     dir.ancestors().all(|a| {
         std::fs::metadata(a)
             .map(|m| m.permissions().mode() & 0o001 != 0)
             .unwrap_or(false)
     })
+}
+
+// ---------------------------------------------------------------------------
+// Leftovers of killed test processes.
+
+/// Name of the file in each server temp dir that records the owning test process.
+pub const OWNER_FILE: &str = "owner.pid";
+/// Name of the file in each server temp dir with the server PID (NATS; the
+/// PostgreSQL postmaster has `data/postmaster.pid`).
+pub const SERVER_PID_FILE: &str = "server.pid";
+
+/// Records this test process as the owner of `dir` ("<pid> <starttime>").
+pub fn mark_owner(dir: &Path) {
+    let me = std::process::id();
+    // Write + rename: a concurrent sweep must never see a half-written file.
+    let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
+    if std::fs::write(&tmp, format!("{me} {}", proc_start_time(me).unwrap_or(0))).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(OWNER_FILE));
+    }
+}
+
+/// Makes `dir` ownerless-but-kept: the sweep leaves it alone.
+pub fn unmark_owner(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(OWNER_FILE));
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22 of /proc/pid/stat).
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let i = stat.rfind(')')?;
+    stat[i + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process recorded in an owner file is still running (pid and
+/// start time match, so a reused pid does not count).
+fn owner_alive(token: &str) -> bool {
+    let mut parts = token.split_whitespace();
+    let (Some(pid), Some(start)) = (
+        parts.next().and_then(|p| p.parse::<u32>().ok()),
+        parts.next().and_then(|p| p.parse::<u64>().ok()),
+    ) else {
+        return false;
+    };
+    pid_alive(pid) && proc_start_time(pid) == Some(start)
+}
+
+/// True if `/proc/<pid>/cmdline` mentions `needle` (guards against signalling
+/// an unrelated process that reused a pid).
+fn cmdline_mentions(pid: u32, needle: &Path) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+    cmdline.contains(&needle.display().to_string())
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Stops servers whose owning test process is gone (killed before its Drop
+/// ran) and removes their dirs. Runs once per test process, best effort;
+/// dirs without an owner file (being created, or kept on purpose) are skipped.
+pub fn sweep_stale_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(token) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+            continue;
+        };
+        if owner_alive(&token) {
+            continue;
+        }
+        let data = dir.join("data");
+        if let Some(pid) = read_pid(&data.join("postmaster.pid"))
+            .filter(|p| pid_alive(*p) && cmdline_mentions(*p, &data))
+        {
+            send_signal(pid, "QUIT");
+            if !wait_pids_gone(&[pid], Duration::from_secs(5)) {
+                let kids = child_pids(pid);
+                send_signal(pid, "KILL");
+                for k in &kids {
+                    send_signal(*k, "KILL");
+                }
+                let _ = wait_pids_gone(&kids, Duration::from_secs(5));
+            }
+        }
+        if let Some(pid) = read_pid(&dir.join(SERVER_PID_FILE))
+            .filter(|p| pid_alive(*p) && cmdline_mentions(*p, &dir))
+        {
+            send_signal(pid, "KILL");
+            let _ = wait_pids_gone(&[pid], Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::{
-    file_len, free_port, keep_test_dirs, log_tail, port_accepts, read_from, send_signal, test_base_dir, wait_child,
-    wait_port_free,
+    SERVER_PID_FILE, file_len, free_port, keep_test_dirs, log_tail, mark_owner, pid_alive,
+    port_accepts, read_from, send_signal, test_base_dir, unmark_owner, wait_child, wait_port_free,
 };
 
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -69,6 +69,7 @@ impl Nats {
             .tempdir_in(test_base_dir())
             .unwrap_or_else(|e| panic!("create temp dir under {}: {e}", test_base_dir().display()));
         let root = dir.path().to_path_buf();
+        mark_owner(&root);
         let mut nats = Nats {
             conf: root.join("nats.conf"),
             store_dir: root.join("js"),
@@ -121,8 +122,15 @@ impl Nats {
     /// `version()` as numbers, e.g. (2, 15, 1); missing parts are 0.
     pub fn version_tuple(&self) -> (u32, u32, u32) {
         let v = self.version();
-        let mut parts = v.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0));
-        (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+        let mut parts = v
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().unwrap_or(0));
+        (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        )
     }
 
     pub fn port(&self) -> u16 {
@@ -162,7 +170,16 @@ impl Nats {
     /// Starts the stopped/killed server again on the same port with the same
     /// config and store dir (JetStream streams and messages survive).
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "Nats::start_again: server is still running");
+        // A server that died on its own is not "running": reap it first.
+        if let Some(child) = self.child.as_mut()
+            && matches!(child.try_wait(), Ok(Some(_)))
+        {
+            self.child = None;
+        }
+        assert!(
+            self.child.is_none(),
+            "Nats::start_again: server is still running"
+        );
         let start = Instant::now();
         loop {
             match self.spawn_and_wait() {
@@ -175,8 +192,9 @@ impl Nats {
         }
     }
 
+    /// Whether the server we started is alive.
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.as_ref().is_some_and(|c| pid_alive(c.id()))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -198,14 +216,20 @@ impl Nats {
     // -- internals ------------------------------------------------------------
 
     fn write_config(&self) {
-        let quote = |p: &Path| p.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+        let quote = |p: &Path| {
+            p.display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+        };
         let conf = format!(
             "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{store}\"\n}}\n{extra}\n",
             port = self.port,
             store = quote(&self.store_dir),
             extra = self.config_extra,
         );
-        std::fs::write(&self.conf, conf).unwrap_or_else(|e| panic!("write {}: {e}", self.conf.display()));
+        std::fs::write(&self.conf, conf)
+            .unwrap_or_else(|e| panic!("write {}: {e}", self.conf.display()));
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), SpawnError> {
@@ -215,7 +239,9 @@ impl Nats {
             .append(true)
             .open(&self.log)
             .map_err(|e| SpawnError::Other(format!("open {}: {e}", self.log.display())))?;
-        let log_err = log_file.try_clone().map_err(|e| SpawnError::Other(format!("dup log fd: {e}")))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|e| SpawnError::Other(format!("dup log fd: {e}")))?;
         let mut child = Command::new(&self.bin)
             .arg("-c")
             .arg(&self.conf)
@@ -224,6 +250,9 @@ impl Nats {
             .stderr(log_err)
             .spawn()
             .map_err(|e| SpawnError::Other(format!("spawn {}: {e}", self.bin.display())))?;
+        if let Some(root) = self.conf.parent() {
+            let _ = std::fs::write(root.join(SERVER_PID_FILE), child.id().to_string());
+        }
 
         let start = Instant::now();
         let mut last_err = String::from("not started");
@@ -243,7 +272,9 @@ impl Nats {
             }
             // "Server is ready" in *our* log guards against talking to another
             // server that grabbed the port; then JetStream must answer.
-            if read_from(&self.log, log_offset).contains("Server is ready") && port_accepts(self.port) {
+            if read_from(&self.log, log_offset).contains("Server is ready")
+                && port_accepts(self.port)
+            {
                 match jetstream_account_info(&self.url()) {
                     Ok(()) => {
                         self.child = Some(child);
@@ -266,20 +297,29 @@ impl Nats {
     }
 
     fn shutdown(&mut self, sig: &str, deadline: Duration) -> Result<(), String> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         let pid = child.id();
         send_signal(pid, sig);
         if !wait_child(&mut child, deadline) {
             send_signal(pid, "KILL");
             if !wait_child(&mut child, KILL_DEADLINE) {
-                return Err(format!("nats-server {pid} still alive after SIG{sig} and SIGKILL"));
+                return Err(format!(
+                    "nats-server {pid} still alive after SIG{sig} and SIGKILL"
+                ));
             }
             if sig != "KILL" {
-                return Err(format!("nats-server {pid} did not exit within {deadline:?} after SIG{sig}; sent SIGKILL"));
+                return Err(format!(
+                    "nats-server {pid} did not exit within {deadline:?} after SIG{sig}; sent SIGKILL"
+                ));
             }
         }
         if !wait_port_free(self.port, PORT_FREE_DEADLINE) {
-            return Err(format!("port {} still in use after nats-server exited", self.port));
+            return Err(format!(
+                "port {} still in use after nats-server exited",
+                self.port
+            ));
         }
         Ok(())
     }
@@ -293,6 +333,7 @@ impl Drop for Nats {
         }
         if let Some(dir) = self.dir.take() {
             if keep_test_dirs() {
+                unmark_owner(dir.path());
                 eprintln!("keeping NATS test dir {}", dir.keep().display());
             } else {
                 drop(dir);
@@ -308,7 +349,9 @@ pub fn binary_version(bin: &Path) -> String {
         .output()
         .unwrap_or_else(|e| panic!("run {} --version: {e}", bin.display()));
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    text.rsplit_once('v').map(|(_, v)| v.trim().to_string()).unwrap_or(text)
+    text.rsplit_once('v')
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or(text)
 }
 
 fn tail_of(text: &str, lines: usize) -> String {
@@ -341,13 +384,15 @@ fn jetstream_account_info(url: &str) -> Result<(), String> {
             .await
             .map_err(|_| "account info request timed out".to_string())?
             .map_err(|e| format!("account info request: {e}"))?;
-            let v: serde_json::Value =
-                serde_json::from_slice(&reply.payload).map_err(|e| format!("account info reply not JSON: {e}"))?;
+            let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+                .map_err(|e| format!("account info reply not JSON: {e}"))?;
             if let Some(err) = v.get("error") {
                 return Err(format!("account info error: {err}"));
             }
             Ok(())
         })
     });
-    handle.join().unwrap_or_else(|_| Err("account info thread panicked".into()))
+    handle
+        .join()
+        .unwrap_or_else(|_| Err("account info thread panicked".into()))
 }

@@ -36,8 +36,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::{
-    child_pids, file_len, free_port, is_root, keep_test_dirs, log_tail, pid_alive, port_accepts, read_from,
-    send_signal, test_base_dir, wait_child, wait_pids_gone, wait_port_free,
+    child_pids, file_len, free_port, is_root, keep_test_dirs, log_tail, mark_owner, pid_alive,
+    port_accepts, read_from, send_signal, test_base_dir, unmark_owner, wait_child, wait_pids_gone,
+    wait_port_free,
 };
 
 /// How long a start (including crash recovery) may take before we give up.
@@ -107,13 +108,18 @@ impl Postgres {
                 bin.join(tool).display()
             );
         }
-        let run_as = if is_root() { Some(postgres_user_ids()) } else { None };
+        let run_as = if is_root() {
+            Some(postgres_user_ids())
+        } else {
+            None
+        };
 
         let dir = tempfile::Builder::new()
             .prefix("pg-")
             .tempdir_in(test_base_dir())
             .unwrap_or_else(|e| panic!("create temp dir under {}: {e}", test_base_dir().display()));
         let root = dir.path().to_path_buf();
+        mark_owner(&root);
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid))
                 .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", root.display()));
@@ -125,13 +131,24 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .current_dir(&root)
             .stdin(Stdio::null());
         if let Some((uid, gid)) = run_as {
             initdb.uid(uid).gid(gid);
         }
-        let out = initdb.output().unwrap_or_else(|e| panic!("run {}: {e}", bin.join("initdb").display()));
+        let out = initdb
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", bin.join("initdb").display()));
         if !out.status.success() {
             panic!(
                 "initdb failed ({}):\n{}\n{}",
@@ -141,12 +158,24 @@ impl Postgres {
             );
         }
 
-        let mut settings: Vec<(String, String)> =
-            DEFAULT_SETTINGS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut settings: Vec<(String, String)> = DEFAULT_SETTINGS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         settings.push(("unix_socket_directories".into(), root.display().to_string()));
         settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
 
-        let mut pg = Postgres { dir: Some(dir), root, data, log, bin, port: 0, settings, run_as, child: None };
+        let mut pg = Postgres {
+            dir: Some(dir),
+            root,
+            data,
+            log,
+            bin,
+            port: 0,
+            settings,
+            run_as,
+            child: None,
+        };
         // A port handed out by free_port() can be grabbed by another process
         // before postgres binds it: retry with a new port in that case.
         let mut attempt = 0;
@@ -164,7 +193,17 @@ impl Postgres {
     /// Starts the stopped/killed server again: same data dir, port and settings.
     /// Waits until it accepts connections (crash recovery included).
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "Postgres::start_again: server is still running (pid {:?})", self.pid());
+        // A server that died on its own is not "running": reap it first.
+        if let Some(child) = self.child.as_mut()
+            && matches!(child.try_wait(), Ok(Some(_)))
+        {
+            self.child = None;
+        }
+        assert!(
+            self.child.is_none(),
+            "Postgres::start_again: server is still running (pid {:?})",
+            self.pid()
+        );
         let start = Instant::now();
         loop {
             match self.spawn_and_wait() {
@@ -190,7 +229,10 @@ impl Postgres {
             StopMode::Immediate => ("QUIT", IMMEDIATE_STOP_DEADLINE),
         };
         if let Err(e) = self.shutdown(sig, deadline) {
-            panic!("Postgres::stop({mode:?}): {e}\nserver log tail:\n{}", self.log_tail(30));
+            panic!(
+                "Postgres::stop({mode:?}): {e}\nserver log tail:\n{}",
+                self.log_tail(30)
+            );
         }
     }
 
@@ -229,7 +271,10 @@ impl Postgres {
     pub async fn create_database(&self, name: &str) {
         let client = self.client("postgres").await;
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        client.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        client
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -254,11 +299,18 @@ impl Postgres {
     /// The postmaster PID while running.
     pub fn pid(&self) -> Option<u32> {
         let child = self.child.as_ref()?;
-        Some(self.pidfile().map(|p| p.pid).filter(|p| pid_alive(*p)).unwrap_or(child.id()))
+        Some(
+            self.pidfile()
+                .map(|p| p.pid)
+                .filter(|p| pid_alive(*p))
+                .unwrap_or(child.id()),
+        )
     }
 
+    /// Whether the postmaster we started is alive (false after stop/kill or
+    /// when it died on its own).
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.as_ref().is_some_and(|c| pid_alive(c.id()))
     }
 
     // -- internals ------------------------------------------------------------
@@ -269,7 +321,10 @@ impl Postgres {
         Some(PidFile {
             pid: lines.first()?.trim().parse().ok()?,
             port: lines.get(3).and_then(|p| p.trim().parse().ok()),
-            status: lines.get(7).map(|s| s.trim().to_string()).unwrap_or_default(),
+            status: lines
+                .get(7)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
         })
     }
 
@@ -282,20 +337,31 @@ impl Postgres {
             .append(true)
             .open(&self.log)
             .map_err(|e| SpawnError::Other(format!("open {}: {e}", self.log.display())))?;
-        let log_err = log_file.try_clone().map_err(|e| SpawnError::Other(format!("dup log fd: {e}")))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|e| SpawnError::Other(format!("dup log fd: {e}")))?;
 
         let mut cmd = Command::new(self.bin.join("postgres"));
-        cmd.arg("-D").arg(&self.data).arg("-p").arg(self.port.to_string());
+        cmd.arg("-D")
+            .arg(&self.data)
+            .arg("-p")
+            .arg(self.port.to_string());
         for (k, v) in &self.settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
-        cmd.current_dir(&self.root).stdin(Stdio::null()).stdout(log_file).stderr(log_err);
+        cmd.current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err);
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| SpawnError::Other(format!("spawn {}: {e}", self.bin.join("postgres").display())))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            SpawnError::Other(format!(
+                "spawn {}: {e}",
+                self.bin.join("postgres").display()
+            ))
+        })?;
 
         let start = Instant::now();
         loop {
@@ -345,8 +411,14 @@ impl Postgres {
     /// Signals the postmaster and waits for it to exit and the port to be
     /// free; escalates to SIGKILL of the process tree on timeout.
     fn shutdown(&mut self, sig: &str, deadline: Duration) -> Result<(), String> {
-        let Some(child_pid) = self.child.as_ref().map(|c| c.id()) else { return Ok(()) };
-        let pid = self.pidfile().map(|p| p.pid).filter(|p| pid_alive(*p)).unwrap_or(child_pid);
+        let Some(child_pid) = self.child.as_ref().map(|c| c.id()) else {
+            return Ok(());
+        };
+        let pid = self
+            .pidfile()
+            .map(|p| p.pid)
+            .filter(|p| pid_alive(*p))
+            .unwrap_or(child_pid);
         send_signal(pid, sig);
         if pid != child_pid {
             // Not expected (we exec postgres directly), but make sure our child goes too.
@@ -354,20 +426,27 @@ impl Postgres {
         }
         let child = self.child.as_mut().expect("child");
         if !wait_child(child, deadline) {
-            let msg = format!("postmaster {pid} did not exit within {deadline:?} after SIG{sig}; sent SIGKILL");
+            let msg = format!(
+                "postmaster {pid} did not exit within {deadline:?} after SIG{sig}; sent SIGKILL"
+            );
             self.kill_tree()?;
             return Err(msg);
         }
         self.child = None;
         if !wait_port_free(self.port, PORT_FREE_DEADLINE) {
-            return Err(format!("port {} still in use after the server exited", self.port));
+            return Err(format!(
+                "port {} still in use after the server exited",
+                self.port
+            ));
         }
         Ok(())
     }
 
     /// SIGKILL the postmaster and its direct children, wait for all of them.
     fn kill_tree(&mut self) -> Result<(), String> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
         let pid = child.id();
         // Collect the children first: once the postmaster is dead they are
         // re-parented and can no longer be found by parent pid.
@@ -381,7 +460,9 @@ impl Postgres {
         let exited = wait_child(&mut child, KILL_DEADLINE);
         let kids_gone = wait_pids_gone(&kids, KILL_DEADLINE);
         if !exited || !kids_gone {
-            return Err(format!("postgres processes still alive after SIGKILL (postmaster {pid}, children {kids:?})"));
+            return Err(format!(
+                "postgres processes still alive after SIGKILL (postmaster {pid}, children {kids:?})"
+            ));
         }
         if !wait_port_free(self.port, PORT_FREE_DEADLINE) {
             return Err(format!("port {} still in use after SIGKILL", self.port));
@@ -400,6 +481,7 @@ impl Drop for Postgres {
         }
         if let Some(dir) = self.dir.take() {
             if keep_test_dirs() {
+                unmark_owner(dir.path());
                 eprintln!("keeping PostgreSQL test dir {}", dir.keep().display());
             } else {
                 drop(dir); // removes it; errors ignored by TempDir
@@ -455,7 +537,10 @@ fn postgres_user_ids() -> (u32, u32) {
             "running as root, but there is no `postgres` user to run the server as \
              (install the postgresql package: bash scripts/setup.sh)"
         );
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("numeric id")
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("numeric id")
     };
     (id("-u"), id("-g"))
 }

@@ -1,0 +1,373 @@
+//! Shared scaffolding for the relay's integration tests: a PostgreSQL + NATS pair with a
+//! migrated `app` database, the relay binary run as a child process exactly as users run
+//! it (config file, CLI, signals), and readers for what arrived in JetStream.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+
+use crate::support::nats::Nats;
+use crate::support::postgres::Postgres;
+use crate::support::{free_port, wait_for};
+
+pub const STREAM: &str = "OUTBOX";
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// PostgreSQL + NATS with the outbox migrated in database `app`.
+pub struct Env {
+    pub pg: Postgres,
+    pub nats: Nats,
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Self::start_with(Postgres::start(), Nats::start()).await
+    }
+
+    pub async fn start_with(pg: Postgres, nats: Nats) -> Env {
+        pg.create_database("app").await;
+        let env = Env {
+            pg,
+            nats,
+            dir: tempfile::tempdir().expect("tempdir"),
+            http_port: free_port(),
+        };
+        env.write_config("");
+        env
+    }
+
+    pub async fn start_migrated() -> Env {
+        let env = Self::start().await;
+        let out = env.cli(&["migrate"]);
+        assert!(out.status.success(), "migrate failed: {}", out.text());
+        env
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("relay.toml")
+    }
+
+    /// The default test config plus `extra` TOML appended.
+    pub fn write_config(&self, extra: &str) {
+        let text = format!(
+            r#"[postgres]
+url = "{pg}"
+status_interval = "100ms"
+
+[nats]
+url = "{nats}"
+ack_timeout = "3s"
+
+[http]
+listen = "127.0.0.1:{http}"
+
+[log]
+level = "info,outbox_relay=debug"
+
+[[streams]]
+name = "{STREAM}"
+subjects = ["outbox.>"]
+{extra}
+"#,
+            pg = self.pg.url("app"),
+            nats = self.nats.url(),
+            http = self.http_port,
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// Run a CLI command to completion.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let out = relay_command(&self.config_path())
+            .args(args)
+            .output()
+            .expect("run outbox-relay");
+        Output {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn spawn_relay(&self) -> Relay {
+        Relay::spawn(&self.config_path(), self.dir.path())
+    }
+
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        self.pg.client("app").await
+    }
+
+    pub async fn js(&self) -> jetstream::Context {
+        self.nats.jetstream().await
+    }
+
+    pub async fn confirmed_flush(&self, slot: &str) -> Option<u64> {
+        let c = self.sql().await;
+        let row = c
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("slot query")?;
+        row.get::<_, Option<i64>>(0).map(|v| v as u64)
+    }
+}
+
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+fn relay_command(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    cmd.arg("--config").arg(config);
+    // The relay reads OUTBOX_RELAY_* as config overrides: do not leak the test
+    // environment's into it.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTBOX_RELAY_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+/// The relay running as a child process (`run`), its stderr in a log file.
+pub struct Relay {
+    child: Option<Child>,
+    pub log: PathBuf,
+    config: PathBuf,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Relay {
+    pub fn spawn(config: &Path, dir: &Path) -> Relay {
+        Self::spawn_env(config, dir, &[])
+    }
+
+    pub fn spawn_env(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Relay {
+        let mut r = Relay {
+            child: None,
+            log: dir.join("relay.log"),
+            config: config.to_path_buf(),
+            dir: dir.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        r.start();
+        r
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("relay log");
+        let mut cmd = relay_command(&self.config);
+        cmd.arg("run")
+            .envs(self.env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn outbox-relay run"));
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "relay still running");
+        self.start();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("relay running")
+    }
+
+    /// SIGTERM and wait for the exit status (graceful drain).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("relay running");
+        crate::support::send_signal(child.id(), "TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait relay") {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!(
+                    "relay did not exit within 30s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().expect("wait relay")?;
+        self.child = None;
+        Some(status)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- relay log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// One message read back from a stream.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub seq: u64,
+    pub subject: String,
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+impl Msg {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|s| s.as_str())
+    }
+    pub fn msg_id(&self) -> &str {
+        self.header("Nats-Msg-Id").unwrap_or("")
+    }
+}
+
+pub async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Wait until `stream` holds at least `n` messages.
+pub async fn wait_count(js: &jetstream::Context, stream: &str, n: u64) {
+    let js = js.clone();
+    wait_for(
+        &format!("{n} messages in stream {stream}"),
+        DEADLINE,
+        || {
+            let js = js.clone();
+            async move { stream_count(&js, stream).await >= n }
+        },
+    )
+    .await;
+}
+
+/// Every message of `stream`, in stream order.
+pub async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
+    let total = stream_count(js, stream).await;
+    let s = js.get_stream(stream).await.expect("stream");
+    let mut out = Vec::with_capacity(total as usize);
+    if total == 0 {
+        return out;
+    }
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let deadline = Instant::now() + DEADLINE;
+    while (out.len() as u64) < total {
+        let next = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("next message in time")
+            .expect("stream of messages open")
+            .expect("message");
+        let info = next.info().expect("message info");
+        let headers = next
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            v.first().map(|v| v.to_string()).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Msg {
+            seq: info.stream_sequence,
+            subject: next.subject.to_string(),
+            headers,
+            payload: next.payload.to_vec(),
+        });
+        assert!(Instant::now() < deadline, "reading stream took too long");
+    }
+    out
+}
+
+/// Insert `n` rows in one transaction; returns their ids in insert order.
+pub async fn insert_tx(c: &tokio_postgres::Client, n: i64, topic: &str) -> Vec<String> {
+    c.query(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
+         SELECT $2, 'order', g::text, jsonb_build_object('n', g, 'topic', $2::text)
+         FROM generate_series(1, $1::bigint) g ORDER BY g
+         RETURNING id::text",
+        &[&n, &topic],
+    )
+    .await
+    .expect("insert")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Fetch `GET path` from the relay's HTTP port; (status, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((status, body))
+}
