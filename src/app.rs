@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::watch;
 
+use crate::checkpoint::{Checkpoint, Reconciler};
 use crate::config::Config;
 use crate::decode::{self, PgMessage, RelationCache};
 use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::progress::Tracker;
-use crate::route::{Position, Router, Template};
+use crate::route::{Router, Template};
 use crate::sink::{self, Sink};
 use crate::source::{Event, Stream, admin};
 
@@ -28,7 +29,7 @@ use crate::source::{Event, Stream, admin};
 pub async fn run(cfg: Config, health: Arc<Health>, shutdown: watch::Receiver<bool>) -> Result<()> {
     let template = Template::parse(&cfg.routing.subject)
         .map_err(|e| Error::fatal(format!("config key routing.subject: {e}")))?;
-    let router = Router::new(template);
+    let router = Router::new(template, &origin(&cfg)?);
     let mut confirmed: u64 = 0;
     let mut backoff = new_backoff();
     let mut last_error: Option<String> = None;
@@ -91,6 +92,36 @@ struct Session<'a> {
     confirmed: &'a mut u64,
 }
 
+/// Per-session pipeline state.
+struct State {
+    relations: RelationCache,
+    tracker: Tracker,
+    tx: Option<OpenTx>,
+    max_payload: usize,
+}
+
+/// Payload plus a generous allowance for headers: NATS counts both against max_payload.
+fn too_large(env: &crate::route::Envelope, max_payload: usize) -> bool {
+    let headers: usize = env
+        .headers
+        .iter()
+        .map(|(k, vs)| {
+            vs.iter()
+                .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    env.payload.len() + headers + 16 > max_payload
+}
+
+/// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the
+/// checkpoint key.
+fn origin(cfg: &Config) -> Result<String> {
+    let pc = admin::pg_config(cfg)?;
+    let db = pc.get_dbname().or(pc.get_user()).unwrap_or("postgres");
+    Ok(format!("{db}/{}", cfg.postgres.slot))
+}
+
 /// The transaction being read.
 struct OpenTx {
     commit_lsn: u64,
@@ -100,42 +131,79 @@ struct OpenTx {
 impl Session<'_> {
     async fn run(&mut self) -> Result<()> {
         let cfg = self.cfg;
+        let origin = origin(cfg)?;
         let sql = admin::connect(cfg).await?;
         admin::preflight(&sql, cfg).await?;
-        if admin::ensure_slot(&sql, &cfg.postgres.slot).await? {
-            tracing::info!(slot = %cfg.postgres.slot, "replication slot created");
-        }
         let nats = sink::connect(cfg).await?;
+        let max_payload = nats.server_info().max_payload;
         let js = sink::jetstream(nats, cfg);
         sink::streams::ensure(&js, cfg).await?;
-        let mut sink = Sink::new(js, cfg, self.health.clone());
-        let mut stream = Stream::open(cfg, *self.confirmed).await?;
+        let replicas = cfg.streams.iter().map(|s| s.replicas).max().unwrap_or(1);
+        let mut checkpoint =
+            Checkpoint::open(&js, &cfg.checkpoint.bucket, &origin, replicas).await?;
+        let slot = &cfg.postgres.slot;
+        let known = checkpoint.saved().max(*self.confirmed);
+        if admin::slot_info(&sql, slot).await?.is_none() && known > 0 {
+            // Never recreate silently: a new slot starts at the current WAL position,
+            // and everything committed since the old one vanished would be skipped.
+            return Err(Error::fatal(format!(
+                "replication slot {slot} is missing, but this relay had delivered up to {}: \
+                 events committed after that may be lost",
+                crate::route::format_lsn(known)
+            ))
+            .hint(format!(
+                "find out who dropped the slot; recover the gap from the outbox table (rows after the \
+                 checkpoint), then delete checkpoint key position.* from KV bucket {} and restart",
+                cfg.checkpoint.bucket
+            )));
+        }
+        if admin::ensure_slot(&sql, slot).await? {
+            tracing::info!(slot = %slot, "replication slot created");
+        }
+        let mut reconciler = Reconciler::load(&js, &origin).await?;
+        let mut sink = Sink::new(js.clone(), cfg, self.health.clone());
+        // Resume from the later of what PostgreSQL and the checkpoint know; the server
+        // itself never goes below the slot's confirmed position.
+        let start = known;
+        let mut stream = Stream::open(cfg, start).await?;
         drop(sql);
         self.health.set_connected(true, true);
         self.health.set_last_error(None);
         tracing::info!(
-            slot = %cfg.postgres.slot,
-            resume_from = %crate::route::format_lsn(*self.confirmed),
+            slot = %slot,
+            resume_from = %crate::route::format_lsn(start),
+            checkpoint = %crate::route::format_lsn(checkpoint.saved()),
+            stream_marks = reconciler.marks().len(),
             "streaming"
         );
 
         let (schema, table) = cfg.outbox.qualified();
-        let mut relations = RelationCache::new(&schema, &table, cfg.outbox.columns.clone());
-        let mut tracker = Tracker::new();
-        let mut tx: Option<OpenTx> = None;
+        let mut st = State {
+            relations: RelationCache::new(&schema, &table, cfg.outbox.columns.clone()),
+            tracker: Tracker::new(),
+            tx: None,
+            max_payload,
+        };
         let max_in_flight = cfg.nats.max_in_flight;
         let mut shutdown = self.shutdown.clone();
+        let mut save_timer = tokio::time::interval(cfg.checkpoint.interval);
+        save_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let outcome: Result<()> = loop {
-            let can_read = tracker.in_flight() < max_in_flight;
+            let can_read = st.tracker.in_flight() < max_in_flight;
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
                 ack = sink.next_ack(), if sink.in_flight() > 0 => {
                     match ack {
-                        Some(Ok(ticket)) => tracker.ack(ticket),
+                        Some(Ok(ticket)) => st.tracker.ack(ticket),
                         Some(Err(e)) => break Err(e),
                         None => {}
+                    }
+                }
+                _ = save_timer.tick() => {
+                    if let Err(e) = checkpoint.save(*self.confirmed).await {
+                        break Err(e);
                     }
                 }
                 ev = stream.recv(), if can_read => {
@@ -144,32 +212,35 @@ impl Session<'_> {
                         Ok(None) => break Err(Error::transient("replication stream ended by the server")),
                         Err(e) => break Err(e),
                     };
-                    if let Err(e) = self.handle(ev, &mut tx, &mut relations, &mut tracker, &mut sink, &stream).await {
+                    if let Err(e) = self.handle(ev, &mut st, &mut reconciler, &mut sink, &stream).await {
                         break Err(e);
                     }
                 }
             }
-            if let Some(lsn) = tracker.take_safe() {
+            if let Some(lsn) = st.tracker.take_safe() {
                 self.confirm(&stream, lsn);
             }
             self.health
                 .in_flight
-                .store(tracker.in_flight() as u64, Relaxed);
+                .store(st.tracker.in_flight() as u64, Relaxed);
         };
 
         // Stop reading; deliver what is in flight so the final position is as far as it
-        // can honestly be; tell PostgreSQL; close.
+        // can honestly be; persist it; tell PostgreSQL; close.
         let drain_deadline =
             tokio::time::Instant::now() + cfg.nats.ack_timeout + Duration::from_secs(1);
         if outcome.is_ok() {
             while sink.in_flight() > 0 {
                 match tokio::time::timeout_at(drain_deadline, sink.next_ack()).await {
-                    Ok(Some(Ok(t))) => tracker.ack(t),
+                    Ok(Some(Ok(t))) => st.tracker.ack(t),
                     _ => break,
                 }
             }
-            if let Some(lsn) = tracker.take_safe() {
+            if let Some(lsn) = st.tracker.take_safe() {
                 self.confirm(&stream, lsn);
+            }
+            if let Err(e) = checkpoint.save(*self.confirmed).await {
+                tracing::warn!(error = %e, "saving the final checkpoint");
             }
             let final_lsn = (*self.confirmed > 0).then_some(*self.confirmed);
             let wait = cfg.postgres.status_interval + Duration::from_secs(2);
@@ -177,6 +248,9 @@ impl Session<'_> {
                 tracing::warn!(error = %e, "closing the replication stream");
             }
             tracing::info!(confirmed = %crate::route::format_lsn(*self.confirmed), "stopped");
+        } else {
+            // Keep what is already safe, even on the way out of a failed session.
+            let _ = checkpoint.save(*self.confirmed).await;
         }
         outcome
     }
@@ -192,35 +266,34 @@ impl Session<'_> {
     async fn handle(
         &mut self,
         ev: Event,
-        tx: &mut Option<OpenTx>,
-        relations: &mut RelationCache,
-        tracker: &mut Tracker,
+        st: &mut State,
+        reconciler: &mut Reconciler,
         sink: &mut Sink,
         stream: &Stream,
     ) -> Result<()> {
         match ev {
             Event::Begin { final_lsn, .. } => {
-                *tx = Some(OpenTx {
+                st.tx = Some(OpenTx {
                     commit_lsn: final_lsn.as_u64(),
                     index: 0,
                 });
             }
             Event::Commit { end_lsn, .. } => {
-                tracker.push_commit(end_lsn.as_u64());
-                *tx = None;
+                st.tracker.push_commit(end_lsn.as_u64());
+                st.tx = None;
                 self.health.transactions.fetch_add(1, Relaxed);
             }
             Event::KeepAlive { wal_end, .. } => {
                 // Nothing open, nothing in flight: everything before wal_end was seen and
                 // delivered, so an idle outbox never pins WAL.
-                if tx.is_none() && tracker.is_idle() {
+                if st.tx.is_none() && st.tracker.is_idle() {
                     self.confirm(stream, wal_end.as_u64());
                 }
             }
             Event::XLogData { data, .. } => match decode::parse(&data) {
-                Ok(PgMessage::Relation(rel)) => relations.update(rel),
+                Ok(PgMessage::Relation(rel)) => st.relations.update(rel),
                 Ok(PgMessage::Insert { relation_id, tuple }) => {
-                    let mapping = match relations.mapping(relation_id) {
+                    let mapping = match st.relations.mapping(relation_id) {
                         Ok(Some(m)) => m,
                         Ok(None) => return Ok(()),
                         Err(e) => {
@@ -232,18 +305,40 @@ impl Session<'_> {
                         Error::fatal(format!("outbox row: {e}"))
                             .hint("fix [outbox.columns] or the table, then restart; the row is not skipped")
                     })?;
-                    let Some(open) = tx.as_mut() else {
+                    let Some(open) = st.tx.as_mut() else {
                         return Err(Error::transient("protocol: insert outside a transaction"));
                     };
-                    let pos = Position {
-                        commit_lsn: open.commit_lsn,
-                        index: open.index,
-                    };
-                    open.index += 1;
-                    for env in self.router.route(&event, pos) {
-                        let ticket = tracker.push_message();
+                    for mut env in self.router.route(&event, open.commit_lsn, &mut open.index) {
+                        let ticket = st.tracker.push_message();
+                        // Decide poison before publishing, so a replay decides the same and
+                        // reconciliation knows which stream the message went to.
+                        if env.dead_letter.is_none() && too_large(&env, st.max_payload) {
+                            env.dead_letter = Some(format!(
+                                "message of {} bytes exceeds the server's max_payload of {} bytes",
+                                env.payload.len(),
+                                st.max_payload
+                            ));
+                        }
+                        if reconciler.may_skip(env.pos) {
+                            let dlq =
+                                format!("{}.{}", self.cfg.routing.dead_letter_prefix, env.subject);
+                            let target = if env.dead_letter.is_some() {
+                                dlq.as_str()
+                            } else {
+                                env.subject.as_str()
+                            };
+                            if reconciler
+                                .already_stored(sink.context(), target, &dlq, env.pos)
+                                .await?
+                            {
+                                st.tracker.ack(ticket);
+                                continue;
+                            }
+                        } else {
+                            reconciler.passed(env.pos);
+                        }
                         if let Some(done) = sink.publish(ticket, env).await? {
-                            tracker.ack(done);
+                            st.tracker.ack(done);
                         }
                     }
                 }

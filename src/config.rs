@@ -33,7 +33,28 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub checkpoint: CheckpointConfig,
     pub streams: Vec<StreamConfig>,
+}
+
+/// Where the relay persists its position (see `checkpoint.rs` for why NATS KV).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// JetStream KV bucket; one key per database/slot.
+    pub bucket: String,
+    /// How often the position is persisted while it moves (and always at shutdown).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            bucket: "outbox_relay".into(),
+            interval: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -381,6 +402,22 @@ impl Config {
                 "a literal subject prefix, e.g. \"outbox.dlq\"",
             )
         })?;
+        if self.checkpoint.bucket.is_empty()
+            || !self
+                .checkpoint
+                .bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(bad_key(
+                "checkpoint.bucket",
+                format!("invalid bucket name {:?}", self.checkpoint.bucket),
+                "letters, digits, - and _",
+            ));
+        }
+        if self.checkpoint.interval.is_zero() {
+            return Err(bad_key("checkpoint.interval", "must be > 0", "e.g. \"1s\""));
+        }
         if !self.http.listen.is_empty() {
             self.http.listen.parse::<SocketAddr>().map_err(|e| {
                 bad_key(
@@ -512,7 +549,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<()> {
                 .map(|k| (path, k.to_string()))
         }) else {
             return Err(Error::fatal(format!("environment variable {name}: no such config section"))
-                .hint("variables are OUTBOX_RELAY_<SECTION>_<KEY>, e.g. OUTBOX_RELAY_POSTGRES_URL; sections: postgres, outbox, nats, routing, http, log"));
+                .hint("variables are OUTBOX_RELAY_<SECTION>_<KEY>, e.g. OUTBOX_RELAY_POSTGRES_URL; sections: postgres, outbox, nats, routing, http, log, checkpoint"));
         };
         let mut default_section = &defaults;
         for p in path {

@@ -11,10 +11,13 @@
 //! - [`route`]: pure routing: subject template, `destination_topics`, headers.
 //! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.
 //! - [`progress`]: in-order ack tracker → the position safe to confirm.
+//! - [`checkpoint`]: persisted position (NATS KV) and stream-tail reconciliation for
+//!   exactly-once resume beyond the dedup window.
 //! - [`app`]: the supervisor loop and one streaming session (wires the above).
 //! - [`cli`]: `check` and `status` reports.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics` and the shared counters.
 pub mod app;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;

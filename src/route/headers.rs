@@ -23,13 +23,15 @@ pub const SCHEMA_VERSION: &str = "Outbox-Schema-Version";
 pub const OCCURRED_AT: &str = "Outbox-Occurred-At";
 pub const COMMIT_LSN: &str = "Outbox-Commit-Lsn";
 pub const TX_INDEX: &str = "Outbox-Tx-Index";
+pub const ORIGIN: &str = "Outbox-Origin";
 /// Dead letters only: why the event could not be published, and where it was going.
 pub const DLQ_REASON: &str = "Outbox-Dlq-Reason";
 pub const DLQ_SUBJECT: &str = "Outbox-Dlq-Original-Subject";
 
 /// Every header name the relay sets itself, for the README and for tests.
-pub fn header_names() -> [&'static str; 14] {
+pub fn header_names() -> [&'static str; 15] {
     [
+        ORIGIN,
         MSG_ID,
         EVENT_ID,
         EVENT_TOPIC,
@@ -51,12 +53,16 @@ pub fn header_names() -> [&'static str; 14] {
 #[derive(Debug, Clone)]
 pub struct HeaderSet {
     names: [HeaderName; 12],
+    origin: (HeaderName, HeaderValue),
 }
 
-impl Default for HeaderSet {
-    fn default() -> Self {
+impl HeaderSet {
+    pub fn new(origin: &str) -> Self {
         let n = HeaderName::from_static;
+        let origin_value =
+            HeaderValue::from_str(&origin.replace(['\r', '\n'], " ")).unwrap_or_default();
         Self {
+            origin: (n(ORIGIN), origin_value),
             names: [
                 n(MSG_ID),
                 n(EVENT_ID),
@@ -73,9 +79,7 @@ impl Default for HeaderSet {
             ],
         }
     }
-}
 
-impl HeaderSet {
     /// Headers for one message. A column value that cannot be a header value (CR or LF)
     /// is written with those characters replaced by spaces: the payload is the data, the
     /// headers are a convenience, and one odd value must not block the event.
@@ -108,6 +112,7 @@ impl HeaderSet {
         put_bytes(&mut h, occurred, ev.occurred_at.as_ref());
         put(&mut h, lsn, &format_lsn(pos.commit_lsn));
         h.insert(index.clone(), HeaderValue::from(pos.index));
+        h.insert(self.origin.0.clone(), self.origin.1.clone());
         if let Some(meta) = &ev.metadata {
             metadata_headers(&mut h, meta);
         }

@@ -6,7 +6,7 @@
 //! routed becomes an envelope marked with a dead-letter reason; the sink publishes it to
 //! the dead-letter subject and the stream moves on.
 
-mod headers;
+pub mod headers;
 mod subject;
 mod template;
 
@@ -18,8 +18,9 @@ use bytes::Bytes;
 
 use crate::decode::OutboxEvent;
 
-/// Where in the WAL an event came from: the commit LSN of its transaction and its index
-/// inside it. Totally ordered in commit order, then insert order.
+/// Where in the WAL a message came from: the commit LSN of its transaction and the
+/// message's index inside it (fan-out copies count). Totally ordered in commit order, then
+/// insert order, and identical on every replay (routing is deterministic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Position {
     pub commit_lsn: u64,
@@ -29,6 +30,7 @@ pub struct Position {
 /// One message to publish.
 #[derive(Debug, Clone)]
 pub struct Envelope {
+    pub pos: Position,
     pub subject: String,
     pub headers: async_nats::HeaderMap,
     pub payload: Bytes,
@@ -45,26 +47,49 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(template: Template) -> Self {
+    /// `origin` names the source (`<database>/<slot>`), written to every message so a
+    /// restart can find its own last message in a stream shared with other publishers.
+    pub fn new(template: Template, origin: &str) -> Self {
         Self {
             template,
-            headers: HeaderSet::default(),
+            headers: HeaderSet::new(origin),
         }
     }
 
-    /// Route one event. Always returns at least one envelope.
-    pub fn route(&self, ev: &OutboxEvent, pos: Position) -> Vec<Envelope> {
+    /// Route one event of the transaction committed at `commit_lsn`; `next_index` is the
+    /// transaction's message counter. Always returns at least one envelope.
+    pub fn route(&self, ev: &OutboxEvent, commit_lsn: u64, next_index: &mut u32) -> Vec<Envelope> {
+        let mut pos = move || {
+            let p = Position {
+                commit_lsn,
+                index: *next_index,
+            };
+            *next_index += 1;
+            p
+        };
         let targets = match &ev.destination_topics {
             Some(raw) if !is_json_null(raw) => match destination_subjects(raw) {
                 Ok(subjects) => subjects,
                 Err(reason) => {
-                    return vec![self.envelope(ev, pos, fallback_subject(ev), None, Some(reason))];
+                    return vec![self.envelope(
+                        ev,
+                        pos(),
+                        fallback_subject(ev),
+                        None,
+                        Some(reason),
+                    )];
                 }
             },
             _ => match self.template.render(ev) {
                 Ok(subject) => vec![Ok(subject)],
                 Err(reason) => {
-                    return vec![self.envelope(ev, pos, fallback_subject(ev), None, Some(reason))];
+                    return vec![self.envelope(
+                        ev,
+                        pos(),
+                        fallback_subject(ev),
+                        None,
+                        Some(reason),
+                    )];
                 }
             },
         };
@@ -74,13 +99,13 @@ impl Router {
             .map(|t| match t {
                 Ok(subject) => {
                     let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
-                    self.envelope(ev, pos, subject, msg_id, None)
+                    self.envelope(ev, pos(), subject, msg_id, None)
                 }
                 Err((subject, reason)) => {
                     let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
                     self.envelope(
                         ev,
-                        pos,
+                        pos(),
                         sanitize_subject_for_dlq(&subject),
                         msg_id,
                         Some(reason),
@@ -100,6 +125,7 @@ impl Router {
     ) -> Envelope {
         Envelope {
             headers: self.headers.build(ev, pos, msg_id.as_deref()),
+            pos,
             subject,
             payload: ev.payload.clone(),
             dead_letter,

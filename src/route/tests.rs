@@ -21,13 +21,18 @@ fn event(topic: &str, agg: Option<&str>) -> OutboxEvent {
 }
 
 fn router() -> Router {
-    Router::new(Template::parse("outbox.{aggregate_type}.{event_topic}").unwrap())
+    Router::new(
+        Template::parse("outbox.{aggregate_type}.{event_topic}").unwrap(),
+        "app/outbox_relay",
+    )
 }
 
-const POS: Position = Position {
-    commit_lsn: 0x1_0000_0010,
-    index: 3,
-};
+const LSN: u64 = 0x1_0000_0010;
+
+fn route(r: &Router, ev: &OutboxEvent) -> Vec<Envelope> {
+    let mut index = 3;
+    r.route(ev, LSN, &mut index)
+}
 
 fn header<'a>(e: &'a Envelope, name: &str) -> Option<&'a str> {
     e.headers.get(name).map(|v| v.as_str())
@@ -35,7 +40,7 @@ fn header<'a>(e: &'a Envelope, name: &str) -> Option<&'a str> {
 
 #[test]
 fn default_template_routes_and_sets_headers() {
-    let envs = router().route(&event("created", Some("order")), POS);
+    let envs = route(&router(), &event("created", Some("order")));
     assert_eq!(envs.len(), 1);
     let e = &envs[0];
     assert_eq!(e.subject, "outbox.order.created");
@@ -57,14 +62,14 @@ fn default_template_routes_and_sets_headers() {
 
 #[test]
 fn tokens_are_sanitised() {
-    let envs = router().route(&event("order created>*", Some("big order")), POS);
+    let envs = route(&router(), &event("order created>*", Some("big order")));
     assert_eq!(envs[0].subject, "outbox.big_order.order_created__");
     assert!(envs[0].dead_letter.is_none());
 }
 
 #[test]
 fn null_template_field_is_dead_lettered_with_reason() {
-    let envs = router().route(&event("created", None), POS);
+    let envs = route(&router(), &event("created", None));
     assert_eq!(envs.len(), 1);
     let reason = envs[0].dead_letter.as_deref().unwrap();
     assert!(reason.contains("aggregate_type"), "{reason}");
@@ -72,7 +77,7 @@ fn null_template_field_is_dead_lettered_with_reason() {
 
 #[test]
 fn empty_token_from_dots_is_dead_lettered() {
-    let envs = router().route(&event("a..b", Some("order")), POS);
+    let envs = route(&router(), &event("a..b", Some("order")));
     assert!(
         envs[0]
             .dead_letter
@@ -88,7 +93,7 @@ fn destination_topics_fan_out_with_distinct_msg_ids() {
     ev.destination_topics = Some(Bytes::from_static(
         br#"["billing.orders", "audit.all", "billing.orders"]"#,
     ));
-    let envs = router().route(&ev, POS);
+    let envs = route(&router(), &ev);
     let subjects: Vec<&str> = envs.iter().map(|e| e.subject.as_str()).collect();
     assert_eq!(subjects, ["billing.orders", "audit.all"]);
     assert_eq!(
@@ -105,13 +110,13 @@ fn destination_topics_fan_out_with_distinct_msg_ids() {
 fn destination_topics_single_keeps_plain_msg_id_and_null_means_template() {
     let mut ev = event("created", Some("order"));
     ev.destination_topics = Some(Bytes::from_static(br#"["billing.orders"]"#));
-    let envs = router().route(&ev, POS);
+    let envs = route(&router(), &ev);
     assert_eq!(
         header(&envs[0], "Nats-Msg-Id"),
         Some("0b0c9d2e-0000-4000-8000-000000000001")
     );
     ev.destination_topics = Some(Bytes::from_static(b"null"));
-    assert_eq!(router().route(&ev, POS)[0].subject, "outbox.order.created");
+    assert_eq!(route(&router(), &ev)[0].subject, "outbox.order.created");
 }
 
 #[test]
@@ -128,7 +133,7 @@ fn hostile_destination_topics_are_refused() {
     ] {
         let mut ev = event("created", Some("order"));
         ev.destination_topics = Some(Bytes::copy_from_slice(bad.as_bytes()));
-        let envs = router().route(&ev, POS);
+        let envs = route(&router(), &ev);
         assert!(
             envs.iter().all(|e| e.dead_letter.is_some()),
             "{bad} was accepted"
@@ -141,7 +146,7 @@ fn hostile_destination_topics_are_refused() {
     let long = format!(r#"["{}"]"#, "a".repeat(300));
     let mut ev = event("created", Some("order"));
     ev.destination_topics = Some(Bytes::from(long));
-    assert!(router().route(&ev, POS)[0].dead_letter.is_some());
+    assert!(route(&router(), &ev)[0].dead_letter.is_some());
 }
 
 #[test]
@@ -151,7 +156,7 @@ fn metadata_becomes_headers_but_cannot_forge_ours() {
         br#"{"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "user_id": 7,
             "Nats-Msg-Id": "forged", "Outbox-Tenant-Id": "other", "bad\nname": "x", "crlf": "a\r\nb", "nested": {"x": 1}}"#,
     ));
-    let e = &router().route(&ev, POS)[0];
+    let e = &route(&router(), &ev)[0];
     assert_eq!(
         header(e, "traceparent"),
         Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
@@ -170,7 +175,7 @@ fn metadata_becomes_headers_but_cannot_forge_ours() {
 fn metadata_not_an_object_is_ignored() {
     let mut ev = event("created", Some("order"));
     ev.metadata = Some(Bytes::from_static(b"[1,2]"));
-    let e = &router().route(&ev, POS)[0];
+    let e = &route(&router(), &ev)[0];
     assert!(e.dead_letter.is_none());
 }
 
@@ -178,7 +183,7 @@ fn metadata_not_an_object_is_ignored() {
 fn crlf_in_column_does_not_block_event() {
     let mut ev = event("created", Some("order"));
     ev.aggregate_id = Some(Bytes::from_static(b"a\r\nb"));
-    let e = &router().route(&ev, POS)[0];
+    let e = &route(&router(), &ev)[0];
     assert_eq!(header(e, "Outbox-Aggregate-Id"), Some("a  b"));
 }
 
@@ -209,8 +214,8 @@ proptest::proptest! {
     #[test]
     fn routing_is_deterministic_and_subjects_valid(topic in ".{0,40}", agg in proptest::option::of(".{0,20}")) {
         let ev = event(&topic, agg.as_deref());
-        let a = router().route(&ev, POS);
-        let b = router().route(&ev, POS);
+        let a = route(&router(), &ev);
+        let b = route(&router(), &ev);
         proptest::prop_assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(b.iter()) {
             proptest::prop_assert_eq!(&x.subject, &y.subject);
@@ -220,4 +225,27 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[test]
+fn fan_out_copies_get_consecutive_positions_and_origin() {
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from_static(br#"["a.b", "c.d"]"#));
+    let envs = route(&router(), &ev);
+    assert_eq!(
+        envs[0].pos,
+        Position {
+            commit_lsn: LSN,
+            index: 3
+        }
+    );
+    assert_eq!(
+        envs[1].pos,
+        Position {
+            commit_lsn: LSN,
+            index: 4
+        }
+    );
+    assert_eq!(header(&envs[1], "Outbox-Tx-Index"), Some("4"));
+    assert_eq!(header(&envs[0], "Outbox-Origin"), Some("app/outbox_relay"));
 }

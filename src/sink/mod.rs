@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::progress::Ticket;
-use crate::route::{Envelope, header_names};
+use crate::route::{Envelope, headers};
 
 type AckFuture = Pin<Box<dyn Future<Output = (Ticket, Envelope, AckResult)> + Send>>;
 type AckResult = std::result::Result<PublishAck, jetstream::context::PublishError>;
@@ -140,14 +140,9 @@ impl Sink {
         let mut headers = env.headers.clone();
         let reason_value =
             HeaderValue::from_str(&reason.replace(['\r', '\n'], " ")).unwrap_or_default();
-        if let Ok(n) = HeaderName::from_str(header_names()[12]) {
-            headers.insert(n, reason_value);
-        }
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_str(header_names()[13]),
-            HeaderValue::from_str(&env.subject),
-        ) {
-            headers.insert(n, v);
+        headers.insert(HeaderName::from_static(headers::DLQ_REASON), reason_value);
+        if let Ok(v) = HeaderValue::from_str(&env.subject) {
+            headers.insert(HeaderName::from_static(headers::DLQ_SUBJECT), v);
         }
         tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
         let mut payload = env.payload.clone();

@@ -1,0 +1,315 @@
+//! Exactly-once resume: the persisted position and stream-tail reconciliation.
+//!
+//! Why both, and why in NATS:
+//! - The slot's `confirmed_flush_lsn` is not enough. PostgreSQL persists it only at
+//!   checkpoints, so after a PostgreSQL crash it can move backwards; and the relay may be
+//!   SIGKILLed after JetStream stored messages but before it confirmed them. Either way
+//!   PostgreSQL re-sends transactions whose messages are already in the streams.
+//! - `Nats-Msg-Id` drops those copies only inside each stream's `duplicate_window`
+//!   (2 minutes by default). A relay down for longer would publish duplicates.
+//!
+//! So the relay (1) keeps the last fully acknowledged commit position in a JetStream KV
+//! bucket — next to the data it describes, replicated and persisted like the streams, so
+//! it cannot be ahead of or behind them by a lost database write — and resumes from the
+//! later of it and the slot; and (2) at every session start reads, from each stream, the
+//! last message this source published (`Outbox-Origin`) and its position
+//! (`Outbox-Commit-Lsn`, `Outbox-Tx-Index`). A replayed message whose position is at or
+//! below its stream's mark is already stored: it is skipped, whatever the dedup window.
+//!
+//! Architecture invariant: messages of one source reach one stream in position order
+//! (the pipeline never reorders within a stream), so "at or below the last stored
+//! position" means "stored".
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::error::{Error, Result};
+use crate::route::Position;
+use crate::route::headers;
+
+/// How far back from a stream's end to look for this source's last message, when other
+/// publishers share the stream.
+const SCAN_BACK: u64 = 512;
+
+/// The persisted position in a KV bucket.
+pub struct Checkpoint {
+    store: kv::Store,
+    key: String,
+    saved: u64,
+}
+
+impl Checkpoint {
+    /// Open (creating if needed) the bucket and read the saved position.
+    pub async fn open(
+        js: &jetstream::Context,
+        bucket: &str,
+        origin: &str,
+        replicas: usize,
+    ) -> Result<Checkpoint> {
+        let store = match js.get_key_value(bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_string(),
+                    description: "outbox-relay positions (one key per database/slot)".into(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    Error::transient(format!("create checkpoint bucket {bucket}: {e}"))
+                        .hint("check that JetStream has room for a small KV bucket, or create it: nats kv add <bucket>")
+                })?,
+        };
+        let key = key_for(origin);
+        let saved = match store.get(&key).await {
+            Ok(Some(v)) => parse(&v).ok_or_else(|| {
+                Error::fatal(format!(
+                    "checkpoint {bucket}/{key} holds {:?}, not a position",
+                    String::from_utf8_lossy(&v)
+                ))
+                .hint("delete the key (nats kv del) to resume from the slot alone")
+            })?,
+            Ok(None) => 0,
+            Err(e) => {
+                return Err(Error::transient(format!(
+                    "read checkpoint {bucket}/{key}: {e}"
+                )));
+            }
+        };
+        Ok(Checkpoint { store, key, saved })
+    }
+
+    /// The position persisted last; 0 when none.
+    pub fn saved(&self) -> u64 {
+        self.saved
+    }
+
+    /// Persist `lsn` if it is newer.
+    pub async fn save(&mut self, lsn: u64) -> Result<()> {
+        if lsn <= self.saved {
+            return Ok(());
+        }
+        let value = Bytes::from(crate::route::format_lsn(lsn));
+        self.store
+            .put(&self.key, value)
+            .await
+            .map_err(|e| Error::transient(format!("save checkpoint: {e}")))?;
+        self.saved = lsn;
+        Ok(())
+    }
+}
+
+/// KV keys allow `[-/_=.a-zA-Z0-9]`.
+fn key_for(origin: &str) -> String {
+    let cleaned: String = origin
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("position.{cleaned}")
+}
+
+/// `X/X` hex, PostgreSQL's LSN text form.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some((hi << 32) | lo)
+}
+
+fn parse(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok().and_then(parse_lsn)
+}
+
+/// Per-stream high-water marks of this source, and a subject → stream cache.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    marks: HashMap<String, Position>,
+    /// The highest mark: positions above it need no lookup at all.
+    max: Option<Position>,
+    subjects: HashMap<String, Option<String>>,
+}
+
+impl Reconciler {
+    /// Read the last message of `origin` from every stream (KV and object-store streams
+    /// excluded).
+    pub async fn load(js: &jetstream::Context, origin: &str) -> Result<Reconciler> {
+        let mut r = Reconciler::default();
+        let mut names = js.stream_names();
+        let mut all = Vec::new();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(|e| Error::transient(format!("list streams: {e}")))?;
+            if !name.starts_with("KV_") && !name.starts_with("OBJ_") {
+                all.push(name);
+            }
+        }
+        for name in all {
+            if let Some(pos) = last_position(js, &name, origin).await? {
+                r.marks.insert(name, pos);
+                r.max = r.max.max(Some(pos));
+            }
+        }
+        Ok(r)
+    }
+
+    /// Built from known marks (tests).
+    pub fn from_marks(marks: impl IntoIterator<Item = (String, Position)>) -> Reconciler {
+        let mut r = Reconciler::default();
+        for (s, p) in marks {
+            r.max = r.max.max(Some(p));
+            r.marks.insert(s, p);
+        }
+        r
+    }
+
+    pub fn marks(&self) -> &HashMap<String, Position> {
+        &self.marks
+    }
+
+    /// Whether any message at `pos` could already be stored (cheap pre-check).
+    pub fn may_skip(&self, pos: Position) -> bool {
+        self.max.is_some_and(|m| pos <= m)
+    }
+
+    /// Is the message at `pos` already stored? `subject` is where it goes; when no
+    /// stream captures it, the sink dead-letters it to `dead_letter_subject`, so that
+    /// stream is the one to ask.
+    pub async fn already_stored(
+        &mut self,
+        js: &jetstream::Context,
+        subject: &str,
+        dead_letter_subject: &str,
+        pos: Position,
+    ) -> Result<bool> {
+        if !self.may_skip(pos) {
+            return Ok(false);
+        }
+        let stream = match self.stream_of(js, subject).await? {
+            Some(s) => Some(s),
+            None => self.stream_of(js, dead_letter_subject).await?,
+        };
+        Ok(stream
+            .and_then(|s| self.marks.get(&s).copied())
+            .is_some_and(|mark| pos <= mark))
+    }
+
+    async fn stream_of(
+        &mut self,
+        js: &jetstream::Context,
+        subject: &str,
+    ) -> Result<Option<String>> {
+        if let Some(s) = self.subjects.get(subject) {
+            return Ok(s.clone());
+        }
+        let s = crate::sink::streams::stream_for(js, subject).await?;
+        self.subjects.insert(subject.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Forget everything once the replay zone is passed (saves the lookups and memory).
+    pub fn passed(&mut self, pos: Position) {
+        if !self.may_skip(pos) && self.max.is_some() {
+            self.max = None;
+            self.marks.clear();
+            self.subjects.clear();
+        }
+    }
+}
+
+/// The position of the last message in `stream` published by `origin`.
+async fn last_position(
+    js: &jetstream::Context,
+    stream: &str,
+    origin: &str,
+) -> Result<Option<Position>> {
+    let mut s = match js.get_stream(stream).await {
+        Ok(s) => s,
+        Err(e) => return Err(Error::transient(format!("stream {stream}: {e}"))),
+    };
+    let info = s
+        .info()
+        .await
+        .map_err(|e| Error::transient(format!("stream {stream}: {e}")))?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    if info.state.messages == 0 {
+        return Ok(None);
+    }
+    let mut seq = last;
+    while seq >= first.max(1) && last - seq < SCAN_BACK {
+        match s.get_raw_message(seq).await {
+            Ok(m) => {
+                let h = &m.headers;
+                let ours = h.get(headers::ORIGIN).is_some_and(|v| v.as_str() == origin);
+                if ours
+                    && let (Some(lsn), Some(idx)) =
+                        (h.get(headers::COMMIT_LSN), h.get(headers::TX_INDEX))
+                    && let (Some(commit_lsn), Ok(index)) =
+                        (parse_lsn(lsn.as_str()), u32::from_str(idx.as_str()))
+                {
+                    return Ok(Some(Position { commit_lsn, index }));
+                }
+            }
+            // Deleted or purged message: keep looking further back.
+            Err(e)
+                if e.to_string().contains("not found") || e.to_string().contains("no message") => {}
+            Err(e) => {
+                return Err(Error::transient(format!(
+                    "read stream {stream} seq {seq}: {e}"
+                )));
+            }
+        }
+        if seq == 0 {
+            break;
+        }
+        seq -= 1;
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trip() {
+        for v in [0u64, 1, 0x16B_3748, 0x1_0000_0010, u64::MAX] {
+            assert_eq!(parse_lsn(&crate::route::format_lsn(v)), Some(v));
+        }
+        assert_eq!(parse_lsn("0/16B3748"), Some(0x16B_3748));
+        assert_eq!(parse_lsn("x"), None);
+        assert_eq!(parse_lsn("1/"), None);
+        assert_eq!(parse_lsn("100000000/0"), None);
+    }
+
+    #[test]
+    fn keys_are_valid() {
+        assert_eq!(key_for("app/outbox_relay"), "position.app_outbox_relay");
+        assert_eq!(key_for("my db/s"), "position.my_db_s");
+    }
+
+    #[test]
+    fn skip_only_at_or_below_mark() {
+        let p = |commit_lsn, index| Position { commit_lsn, index };
+        let mut r = Reconciler::from_marks([("A".to_string(), p(100, 3))]);
+        assert!(r.may_skip(p(100, 3)));
+        assert!(r.may_skip(p(50, 9)));
+        assert!(!r.may_skip(p(100, 4)));
+        assert!(!r.may_skip(p(101, 0)));
+        r.passed(p(100, 2));
+        assert!(r.may_skip(p(100, 3)), "still inside the replay zone");
+        r.passed(p(101, 0));
+        assert!(!r.may_skip(p(1, 0)), "past the zone, nothing is skipped");
+    }
+}
