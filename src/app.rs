@@ -21,7 +21,8 @@ use crate::decode::{self, PgMessage, RelationCache};
 use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::progress::Tracker;
-use crate::route::{Router, Template};
+use crate::route::{Envelope, Router, Template};
+use crate::sink::streams::StreamIndex;
 use crate::sink::{self, Sink};
 use crate::source::{Event, Stream, admin};
 
@@ -77,7 +78,7 @@ pub async fn run(cfg: Config, health: Arc<Health>, shutdown: watch::Receiver<boo
 fn new_backoff() -> backon::ExponentialBackoff {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(Duration::from_secs(10))
         .with_jitter()
         .without_max_times()
         .build()
@@ -98,10 +99,11 @@ struct State {
     tracker: Tracker,
     tx: Option<OpenTx>,
     max_payload: usize,
+    index: StreamIndex,
 }
 
 /// Payload plus a generous allowance for headers: NATS counts both against max_payload.
-fn too_large(env: &crate::route::Envelope, max_payload: usize) -> bool {
+fn too_large(env: &Envelope, max_payload: usize) -> bool {
     let headers: usize = env
         .headers
         .iter()
@@ -183,6 +185,7 @@ impl Session<'_> {
             tracker: Tracker::new(),
             tx: None,
             max_payload,
+            index: StreamIndex::load(&js).await?,
         };
         let max_in_flight = cfg.nats.max_in_flight;
         let mut shutdown = self.shutdown.clone();
@@ -255,6 +258,41 @@ impl Session<'_> {
         outcome
     }
 
+    /// The stream `env` will be stored in. A subject no stream captures is turned into a
+    /// dead letter here, before publishing, so a replay decides the same way and the
+    /// stream's order is the position order. A dead-letter subject without a stream is
+    /// transient: the event waits (nothing is dropped) until an operator adds one.
+    async fn destination(
+        &self,
+        env: &mut Envelope,
+        index: &mut StreamIndex,
+        sink: &Sink,
+    ) -> Result<Option<String>> {
+        let js = sink.context();
+        if env.dead_letter.is_none() {
+            let mut found = index.stream_of(&env.subject);
+            if found.is_none() && index.refresh_if_older(js, Duration::from_secs(5)).await? {
+                found = index.stream_of(&env.subject);
+            }
+            if found.is_some() {
+                return Ok(found);
+            }
+            env.dead_letter = Some(format!("no stream captures subject {}", env.subject));
+        }
+        let dlq = format!("{}.{}", self.cfg.routing.dead_letter_prefix, env.subject);
+        let mut found = index.stream_of(&dlq);
+        if found.is_none() && index.refresh_if_older(js, Duration::from_secs(1)).await? {
+            found = index.stream_of(&dlq);
+        }
+        match found {
+            Some(s) => Ok(Some(s)),
+            None => Err(Error::transient(format!("dead-letter subject {dlq} is not captured by any stream")).hint(format!(
+                "create a stream for \"{}.>\" (or add it to [[streams]]); the event is retried until it can be stored",
+                self.cfg.routing.dead_letter_prefix
+            ))),
+        }
+    }
+
     fn confirm(&mut self, stream: &Stream, lsn: u64) {
         if lsn > *self.confirmed {
             *self.confirmed = lsn;
@@ -319,24 +357,13 @@ impl Session<'_> {
                                 st.max_payload
                             ));
                         }
-                        if reconciler.may_skip(env.pos) {
-                            let dlq =
-                                format!("{}.{}", self.cfg.routing.dead_letter_prefix, env.subject);
-                            let target = if env.dead_letter.is_some() {
-                                dlq.as_str()
-                            } else {
-                                env.subject.as_str()
-                            };
-                            if reconciler
-                                .already_stored(sink.context(), target, &dlq, env.pos)
-                                .await?
-                            {
-                                st.tracker.ack(ticket);
-                                continue;
-                            }
-                        } else {
-                            reconciler.passed(env.pos);
+                        let stream_name = self.destination(&mut env, &mut st.index, sink).await?;
+                        if reconciler.already_stored(stream_name.as_deref(), env.pos) {
+                            st.tracker.ack(ticket);
+                            self.health.skipped_replays.fetch_add(1, Relaxed);
+                            continue;
                         }
+                        reconciler.passed(env.pos);
                         if let Some(done) = sink.publish(ticket, env).await? {
                             st.tracker.ack(done);
                         }

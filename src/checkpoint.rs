@@ -139,7 +139,6 @@ pub struct Reconciler {
     marks: HashMap<String, Position>,
     /// The highest mark: positions above it need no lookup at all.
     max: Option<Position>,
-    subjects: HashMap<String, Option<String>>,
 }
 
 impl Reconciler {
@@ -183,39 +182,12 @@ impl Reconciler {
         self.max.is_some_and(|m| pos <= m)
     }
 
-    /// Is the message at `pos` already stored? `subject` is where it goes; when no
-    /// stream captures it, the sink dead-letters it to `dead_letter_subject`, so that
-    /// stream is the one to ask.
-    pub async fn already_stored(
-        &mut self,
-        js: &jetstream::Context,
-        subject: &str,
-        dead_letter_subject: &str,
-        pos: Position,
-    ) -> Result<bool> {
-        if !self.may_skip(pos) {
-            return Ok(false);
-        }
-        let stream = match self.stream_of(js, subject).await? {
-            Some(s) => Some(s),
-            None => self.stream_of(js, dead_letter_subject).await?,
-        };
-        Ok(stream
-            .and_then(|s| self.marks.get(&s).copied())
-            .is_some_and(|mark| pos <= mark))
-    }
-
-    async fn stream_of(
-        &mut self,
-        js: &jetstream::Context,
-        subject: &str,
-    ) -> Result<Option<String>> {
-        if let Some(s) = self.subjects.get(subject) {
-            return Ok(s.clone());
-        }
-        let s = crate::sink::streams::stream_for(js, subject).await?;
-        self.subjects.insert(subject.to_string(), s.clone());
-        Ok(s)
+    /// Is the message at `pos`, bound for `stream`, already stored there?
+    pub fn already_stored(&self, stream: Option<&str>, pos: Position) -> bool {
+        self.may_skip(pos)
+            && stream
+                .and_then(|s| self.marks.get(s))
+                .is_some_and(|mark| pos <= *mark)
     }
 
     /// Forget everything once the replay zone is passed (saves the lookups and memory).
@@ -223,7 +195,6 @@ impl Reconciler {
         if !self.may_skip(pos) && self.max.is_some() {
             self.max = None;
             self.marks.clear();
-            self.subjects.clear();
         }
     }
 }
@@ -307,6 +278,9 @@ mod tests {
         assert!(r.may_skip(p(50, 9)));
         assert!(!r.may_skip(p(100, 4)));
         assert!(!r.may_skip(p(101, 0)));
+        assert!(r.already_stored(Some("A"), p(100, 3)));
+        assert!(!r.already_stored(Some("B"), p(100, 3)));
+        assert!(!r.already_stored(None, p(1, 0)));
         r.passed(p(100, 2));
         assert!(r.may_skip(p(100, 3)), "still inside the replay zone");
         r.passed(p(101, 0));

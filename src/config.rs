@@ -352,8 +352,17 @@ impl Config {
         }
         check_sql_name("outbox.table", &schema)?;
         check_sql_name("outbox.table", &table)?;
+        let required: Vec<&str> = self
+            .outbox
+            .columns
+            .required_fields()
+            .iter()
+            .map(|(f, _)| *f)
+            .collect();
         for (field, column) in self.outbox.columns.fields() {
-            if column.is_empty() || column.contains('"') || column.contains('\0') {
+            // An empty name switches an optional field off.
+            let bad_empty = column.is_empty() && required.contains(&field);
+            if bad_empty || column.contains('"') || column.contains('\0') {
                 return Err(bad_key(
                     &format!("outbox.columns.{field}"),
                     format!("invalid column name {column:?}"),
@@ -741,35 +750,5 @@ listen = "127.0.0.1:9187"
         let mut cfg = Config::default();
         cfg.postgres.url = SecretUrl::new("postgres://u:hunter2@h/db");
         assert!(!format!("{cfg:?}").contains("hunter2"));
-    }
-}
-
-impl ColumnMap {
-    /// `(field, column)` for every mapped field.
-    pub fn fields(&self) -> [(&'static str, &str); 13] {
-        [
-            ("id", &self.id),
-            ("event_topic", &self.event_topic),
-            ("payload", &self.payload),
-            ("aggregate_type", &self.aggregate_type),
-            ("aggregate_id", &self.aggregate_id),
-            ("tenant_id", &self.tenant_id),
-            ("source_bc", &self.source_bc),
-            ("destination_topics", &self.destination_topics),
-            ("schema_id", &self.schema_id),
-            ("schema_version", &self.schema_version),
-            ("metadata", &self.metadata),
-            ("occurred_at", &self.occurred_at),
-            ("created_at", &self.created_at),
-        ]
-    }
-
-    /// The fields a row cannot do without.
-    pub fn required_fields(&self) -> [(&'static str, &str); 3] {
-        [
-            ("id", &self.id),
-            ("event_topic", &self.event_topic),
-            ("payload", &self.payload),
-        ]
     }
 }

@@ -15,6 +15,8 @@ pub struct Health {
     pub transactions: AtomicU64,
     pub reconnects: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Replayed messages found already stored in their stream (reconciliation).
+    pub skipped_replays: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -51,6 +53,7 @@ impl Health {
              # TYPE outbox_relay_events_dead_lettered_total counter\noutbox_relay_events_dead_lettered_total {}\n\
              # TYPE outbox_relay_transactions_total counter\noutbox_relay_transactions_total {}\n\
              # TYPE outbox_relay_reconnects_total counter\noutbox_relay_reconnects_total {}\n\
+             # TYPE outbox_relay_replays_skipped_total counter\noutbox_relay_replays_skipped_total {}\n\
              # TYPE outbox_relay_in_flight gauge\noutbox_relay_in_flight {}\n\
              # TYPE outbox_relay_confirmed_lsn gauge\noutbox_relay_confirmed_lsn {}\n\
              # TYPE outbox_relay_postgres_connected gauge\noutbox_relay_postgres_connected {}\n\
@@ -59,6 +62,7 @@ impl Health {
             g(&self.events_dead_lettered),
             g(&self.transactions),
             g(&self.reconnects),
+            g(&self.skipped_replays),
             g(&self.in_flight),
             g(&self.confirmed_lsn),
             b(&self.postgres_connected),

@@ -251,6 +251,36 @@ impl OutboxEvent {
     }
 }
 
+impl ColumnMap {
+    /// `(field, column)` for every mapped field.
+    pub fn fields(&self) -> [(&'static str, &str); 13] {
+        [
+            ("id", &self.id),
+            ("event_topic", &self.event_topic),
+            ("payload", &self.payload),
+            ("aggregate_type", &self.aggregate_type),
+            ("aggregate_id", &self.aggregate_id),
+            ("tenant_id", &self.tenant_id),
+            ("source_bc", &self.source_bc),
+            ("destination_topics", &self.destination_topics),
+            ("schema_id", &self.schema_id),
+            ("schema_version", &self.schema_version),
+            ("metadata", &self.metadata),
+            ("occurred_at", &self.occurred_at),
+            ("created_at", &self.created_at),
+        ]
+    }
+
+    /// The fields a row cannot do without.
+    pub fn required_fields(&self) -> [(&'static str, &str); 3] {
+        [
+            ("id", &self.id),
+            ("event_topic", &self.event_topic),
+            ("payload", &self.payload),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

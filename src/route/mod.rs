@@ -168,7 +168,7 @@ fn sanitize_subject_for_dlq(s: &str) -> String {
     let tokens: Vec<String> = s
         .split('.')
         .filter(|t| !t.is_empty())
-        .map(sanitize_token)
+        .map(|t| sanitize_token(t).replace('$', "_"))
         .filter(|t| !t.is_empty())
         .take(16)
         .collect();

@@ -189,12 +189,11 @@ impl Sink {
     }
 }
 
-/// Failures that retrying can never fix for this message.
+/// Failures that retrying can never fix for this message. "No stream" is not among
+/// them: routing checks the stream index before publishing, so a missing stream here
+/// means one vanished mid-flight, and the next session re-decides from a fresh index.
 fn is_poison(kind: PublishErrorKind) -> bool {
-    matches!(
-        kind,
-        PublishErrorKind::StreamNotFound | PublishErrorKind::MaxPayloadExceeded
-    )
+    matches!(kind, PublishErrorKind::MaxPayloadExceeded)
 }
 
 fn publish_error(e: &jetstream::context::PublishError) -> Error {

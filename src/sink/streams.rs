@@ -1,7 +1,10 @@
 //! Target streams: create or update the `[[streams]]` of the config, and find which
 //! subjects no stream captures.
 
+use std::collections::HashMap;
+
 use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
 
 use crate::config::{Config, StreamConfig};
 use crate::error::{Error, Result};
@@ -76,6 +79,102 @@ fn stream_config(s: &StreamConfig) -> stream::Config {
     }
 }
 
+/// Which stream captures which subject, matched locally from every stream's subject
+/// filters, so routing decides "no stream: dead letter" before publishing, with no
+/// round trip per message.
+#[derive(Debug, Default)]
+pub struct StreamIndex {
+    filters: Vec<(String, String)>,
+    cache: HashMap<String, Option<String>>,
+    loaded_at: Option<std::time::Instant>,
+}
+
+/// Bound on remembered subjects (subjects may carry ids: unbounded cardinality).
+const CACHE_LIMIT: usize = 16_384;
+
+impl StreamIndex {
+    pub async fn load(js: &jetstream::Context) -> Result<StreamIndex> {
+        let mut idx = StreamIndex::default();
+        idx.refresh(js).await?;
+        Ok(idx)
+    }
+
+    /// Re-read every stream's subjects.
+    pub async fn refresh(&mut self, js: &jetstream::Context) -> Result<()> {
+        let mut filters = Vec::new();
+        let mut streams = js.streams();
+        while let Some(info) = streams.next().await {
+            let info = info.map_err(|e| {
+                Error::transient(format!("list streams: {e}"))
+                    .hint("check that nats-server runs with JetStream enabled (-js)")
+            })?;
+            for subject in &info.config.subjects {
+                filters.push((subject.clone(), info.config.name.clone()));
+            }
+        }
+        self.filters = filters;
+        self.cache.clear();
+        self.loaded_at = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// Refresh unless that happened less than `min_age` ago.
+    pub async fn refresh_if_older(
+        &mut self,
+        js: &jetstream::Context,
+        min_age: std::time::Duration,
+    ) -> Result<bool> {
+        if self.loaded_at.is_some_and(|t| t.elapsed() < min_age) {
+            return Ok(false);
+        }
+        self.refresh(js).await?;
+        Ok(true)
+    }
+
+    /// The stream capturing `subject`, if any.
+    pub fn stream_of(&mut self, subject: &str) -> Option<String> {
+        if let Some(hit) = self.cache.get(subject) {
+            return hit.clone();
+        }
+        let found = self
+            .filters
+            .iter()
+            .find(|(pattern, _)| subject_matches(pattern, subject))
+            .map(|(_, name)| name.clone());
+        if self.cache.len() >= CACHE_LIMIT {
+            self.cache.clear();
+        }
+        self.cache.insert(subject.to_string(), found.clone());
+        found
+    }
+
+    #[cfg(test)]
+    pub fn from_filters(filters: &[(&str, &str)]) -> StreamIndex {
+        StreamIndex {
+            filters: filters
+                .iter()
+                .map(|(p, n)| (p.to_string(), n.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// NATS subject matching: `*` matches one token, `>` the rest (at least one token).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// A concrete subject standing for everything a template can produce.
 pub fn probe_subject(template: &str) -> String {
     let mut out = String::new();
@@ -113,6 +212,30 @@ pub async fn stream_for(js: &jetstream::Context, subject: &str) -> Result<Option
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn matching() {
+        assert!(subject_matches("outbox.>", "outbox.a.b"));
+        assert!(subject_matches("outbox.*.b", "outbox.a.b"));
+        assert!(!subject_matches("outbox.*", "outbox.a.b"));
+        assert!(!subject_matches("outbox.>", "outbox"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+    }
+
+    #[test]
+    fn index_finds_stream_and_caches_misses() {
+        let mut idx = StreamIndex::from_filters(&[("outbox.>", "OUTBOX"), ("audit.*", "AUDIT")]);
+        assert_eq!(
+            idx.stream_of("outbox.order.created").as_deref(),
+            Some("OUTBOX")
+        );
+        assert_eq!(idx.stream_of("audit.x").as_deref(), Some("AUDIT"));
+        assert_eq!(idx.stream_of("audit.x.y"), None);
+        assert_eq!(idx.stream_of("audit.x.y"), None);
+    }
+
     #[test]
     fn probe_replaces_fields() {
         assert_eq!(
