@@ -345,7 +345,7 @@ pub async fn insert_tx(c: &tokio_postgres::Client, n: i64, topic: &str) -> Vec<S
     c.query(
         "INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
          SELECT $2, 'order', g::text, jsonb_build_object('n', g, 'topic', $2::text)
-         FROM generate_series(1, $1::bigint) g ORDER BY g
+         FROM generate_series(1, $1::bigint) AS s(g) ORDER BY s.g
          RETURNING id::text",
         &[&n, &topic],
     )

@@ -2,6 +2,7 @@
 //! Needs PostgreSQL server binaries and nats-server: `bash scripts/setup.sh`.
 
 mod core;
+mod faults;
 mod harness;
 mod support;
 

@@ -1,0 +1,474 @@
+//! Exactly once under faults: SIGKILL, restarts beyond the dedup window, NATS and
+//! PostgreSQL outages, a killed replication backend, a huge transaction, poison events.
+//!
+//! Every scenario ends with [`verify_exactly_once`]: the stream holds each committed row
+//! exactly once (count, distinct `Nats-Msg-Id`, id sets equal to the table) and in commit
+//! order (the producer's sequence number `n` strictly increases along the stream).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::support::nats::Nats;
+use crate::support::postgres::{Postgres, StopMode};
+use crate::support::wait_for;
+
+/// A producer inserting `total` rows in transactions of mixed sizes, one connection,
+/// sequentially, with `n` = a global counter in the payload. Survives a PostgreSQL
+/// restart (reconnects; the table is the truth of what committed).
+struct Producer {
+    done: Arc<AtomicBool>,
+    /// Rows whose commit was acknowledged (progress, for waiting on load).
+    committed: Arc<AtomicI64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Producer {
+    fn start(url: String, total: i64, seed: u64) -> Producer {
+        let done = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicI64::new(0));
+        let (d, c) = (done.clone(), committed.clone());
+        let task = tokio::spawn(async move {
+            let mut n: i64 = 0;
+            let mut rng = seed;
+            let mut client: Option<tokio_postgres::Client> = None;
+            while n < total {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                // Mostly small transactions, some large: 1..=20 or 100..=1000.
+                let size = if (rng >> 40) % 10 == 0 {
+                    100 + (rng >> 20) as i64 % 900
+                } else {
+                    1 + (rng >> 20) as i64 % 20
+                };
+                let size = size.min(total - n);
+                if client.is_none() {
+                    match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                        Ok((cl, conn)) => {
+                            tokio::spawn(conn);
+                            client = Some(cl);
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some(cl) = client.as_ref() else { continue };
+                let res = cl
+                    .execute(
+                        "INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
+                         SELECT 'load', 'order', g::text, jsonb_build_object('n', g)
+                         FROM generate_series($1::bigint, $2::bigint) AS s(g) ORDER BY s.g",
+                        &[&(n + 1), &(n + size)],
+                    )
+                    .await;
+                // Counted either way: an ambiguous commit may or may not be in the table.
+                n += size;
+                match res {
+                    Ok(_) => {
+                        c.fetch_add(size, Ordering::Relaxed);
+                    }
+                    Err(_) => client = None,
+                }
+                // Leave room for the relay and the fault injection on 2 cores.
+                if n % 2000 < size {
+                    tokio::task::yield_now().await;
+                }
+            }
+            d.store(true, Ordering::Relaxed);
+        });
+        Producer {
+            done,
+            committed,
+            task,
+        }
+    }
+
+    fn committed(&self) -> i64 {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    async fn finish(self) {
+        self.task.await.expect("producer");
+        assert!(self.done.load(Ordering::Relaxed));
+    }
+}
+
+/// Waits until the stream holds every row of the table, then checks exactly-once and
+/// commit order; returns the messages.
+async fn verify_exactly_once(env: &Env) -> Vec<Msg> {
+    let c = env.sql().await;
+    let ids: HashSet<String> = c
+        .query("SELECT id::text FROM outbox_events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let js = env.js().await;
+    wait_count(&js, STREAM, ids.len() as u64).await;
+    // Anything extra (a duplicate) would arrive with the rest; let a marker row pass
+    // through the whole pipeline after them, then count.
+    let marker = insert_tx(&c, 1, "marker").await;
+    wait_count(&js, STREAM, ids.len() as u64 + 1).await;
+    let msgs = read_all(&js, STREAM).await;
+    let got: Vec<&str> = msgs.iter().map(|m| m.msg_id()).collect();
+    let distinct: HashSet<&str> = got.iter().copied().collect();
+    assert_eq!(distinct.len(), got.len(), "duplicates in the stream");
+    assert_eq!(got.len(), ids.len() + 1, "count differs from the table");
+    assert_eq!(got.last().copied(), Some(marker[0].as_str()));
+    let got_set: HashSet<String> = got[..got.len() - 1].iter().map(|s| s.to_string()).collect();
+    assert!(
+        got_set == ids,
+        "id sets differ: {} missing",
+        ids.difference(&got_set).count()
+    );
+    // Commit order: positions strictly increase along the stream; and the producer's
+    // counter, which follows its (sequential) commits, increases too.
+    let mut last_pos = (0u64, 0u32);
+    let mut last_n = 0i64;
+    for m in &msgs {
+        let lsn = m.header("Outbox-Commit-Lsn").unwrap();
+        let (hi, lo) = lsn.split_once('/').unwrap();
+        let lsn =
+            (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+        let pos = (
+            lsn,
+            m.header("Outbox-Tx-Index").unwrap().parse::<u32>().unwrap(),
+        );
+        assert!(
+            pos > last_pos,
+            "position order broken at seq {}: {pos:?} after {last_pos:?}",
+            m.seq
+        );
+        last_pos = pos;
+        if m.header("Outbox-Event-Topic") == Some("load") {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            let n = v["n"].as_i64().unwrap();
+            assert!(
+                n > last_n,
+                "commit order broken at seq {}: n {n} after {last_n}",
+                m.seq
+            );
+            last_n = n;
+        }
+    }
+    msgs
+}
+
+fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+async fn sigkill_scenario(rows: i64, kills: usize, restart_delay: Duration, extra_config: &str) {
+    let env = Env::start_migrated().await;
+    env.write_config(extra_config);
+    let mut relay = env.spawn_relay();
+    let producer = Producer::start(env.pg.url("app"), rows, 7);
+    let js = env.js().await;
+    let mut seed = 42u64;
+    for i in 0..kills {
+        // Kill at a random moment, but only once something new was published since the
+        // last restart, so every kill lands under load.
+        let before = stream_count(&js, STREAM).await;
+        let js2 = js.clone();
+        wait_for("progress before the next kill", DEADLINE, || {
+            let js2 = js2.clone();
+            async move { stream_count(&js2, STREAM).await > before }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50 + lcg(&mut seed) % 400)).await;
+        relay.kill();
+        if !restart_delay.is_zero() {
+            tokio::time::sleep(restart_delay).await;
+        }
+        relay.restart();
+        eprintln!(
+            "kill {} done at {} messages",
+            i + 1,
+            stream_count(&js, STREAM).await
+        );
+    }
+    producer.finish().await;
+    verify_exactly_once(&env).await;
+    assert!(
+        relay.exited().is_none(),
+        "relay died:\n{}",
+        relay.log_text()
+    );
+}
+
+/// 1. 100,000 rows in mixed transactions, the relay SIGKILLed 10 times at random moments
+///    and restarted at once: every row exactly once, in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_ten_times_under_load_exactly_once() {
+    sigkill_scenario(100_000, 10, Duration::ZERO, "").await;
+}
+
+/// 2. The same with the stream's duplicate window at 1 s and every restart delayed beyond
+///    it: `Nats-Msg-Id` cannot help; the checkpoint and stream reconciliation must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_restarts_beyond_duplicate_window_exactly_once() {
+    // Replace the default stream declaration with one whose window is 1 s.
+    sigkill_scenario(
+        100_000,
+        10,
+        Duration::from_millis(1500),
+        "duplicate_window = \"1s\"",
+    )
+    .await;
+}
+
+/// 3. nats-server stopped for 30 s under load and started again with the same store:
+///    nothing lost or duplicated, and the relay process never restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_under_load() {
+    let mut env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let pid = relay.pid();
+    let producer = Producer::start(env.pg.url("app"), 30_000, 11);
+    let js = env.js().await;
+    wait_count(&js, STREAM, 2_000).await;
+    env.nats.stop();
+    let during = producer.committed();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        relay.exited().is_none(),
+        "relay exited during the outage:\n{}",
+        relay.log_text()
+    );
+    assert!(
+        producer.committed() > during,
+        "the producer kept committing during the outage"
+    );
+    env.nats.start_again();
+    producer.finish().await;
+    verify_exactly_once(&env).await;
+    assert!(relay.exited().is_none());
+    assert_eq!(relay.pid(), pid);
+}
+
+/// 4. PostgreSQL stopped with `-m immediate` under load (its slot position goes back to
+///    the last checkpoint) and started again: nothing lost, zero duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_under_load() {
+    let mut env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let producer = Producer::start(env.pg.url("app"), 30_000, 13);
+    let js = env.js().await;
+    wait_count(&js, STREAM, 5_000).await;
+    env.pg.stop(StopMode::Immediate);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.pg.start_again();
+    producer.finish().await;
+    verify_exactly_once(&env).await;
+    assert!(
+        relay.exited().is_none(),
+        "relay exited:\n{}",
+        relay.log_text()
+    );
+}
+
+/// 5. The replication backend terminated from SQL: the relay reconnects by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_replication_backend_reconnects() {
+    let env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    let js = env.js().await;
+    insert_tx(&c, 10, "before").await;
+    wait_count(&js, STREAM, 10).await;
+    let killed: i64 = c
+        .query_one(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active_pid IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    insert_tx(&c, 10, "after").await;
+    wait_count(&js, STREAM, 20).await;
+    let port = env.http_port;
+    wait_for("reconnect counted", DEADLINE, || async move {
+        http_get(port, "/metrics").await.is_some_and(|(_, b)| {
+            b.lines()
+                .any(|l| l.starts_with("outbox_relay_reconnects_total") && !l.ends_with(" 0"))
+        })
+    })
+    .await;
+    assert!(relay.exited().is_none());
+    verify_exactly_once(&env).await;
+}
+
+/// 6. One 1,000,000-row transaction is delivered whole with resident memory under 100 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn million_row_transaction_bounded_memory() {
+    let env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    let js = env.js().await;
+    wait_for("relay streaming", DEADLINE, || async {
+        relay_log_contains(&relay, "streaming")
+    })
+    .await;
+    c.execute(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
+         SELECT 'bulk', 'order', g::text, jsonb_build_object('n', g, 'pad', repeat('x', 150))
+         FROM generate_series(1, 1000000) AS s(g) ORDER BY s.g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let pid = relay.pid();
+    let mut peak_kb = 0u64;
+    let js2 = js.clone();
+    wait_for("1,000,000 messages", Duration::from_secs(900), || {
+        let js2 = js2.clone();
+        peak_kb = peak_kb.max(vm_hwm_kb(pid));
+        async move { stream_count(&js2, STREAM).await >= 1_000_000 }
+    })
+    .await;
+    peak_kb = peak_kb.max(vm_hwm_kb(pid));
+    eprintln!(
+        "relay VmHWM after a 1,000,000-row transaction: {} MB",
+        peak_kb / 1024
+    );
+    assert!(
+        peak_kb < 100 * 1024,
+        "peak RSS {} MB >= 100 MB",
+        peak_kb / 1024
+    );
+    assert_eq!(stream_count(&js, STREAM).await, 1_000_000);
+    // First and last message: the transaction's first and last row, in order.
+    let s = js.get_stream(STREAM).await.unwrap();
+    let first = s.get_raw_message(1).await.unwrap();
+    let last = s.get_raw_message(1_000_000).await.unwrap();
+    assert!(String::from_utf8_lossy(&first.payload).contains("\"n\": 1,"));
+    assert!(String::from_utf8_lossy(&last.payload).contains("\"n\": 1000000,"));
+    assert_eq!(
+        last.headers.get("Outbox-Tx-Index").map(|v| v.as_str()),
+        Some("999999")
+    );
+    assert!(relay.terminate().success());
+}
+
+fn relay_log_contains(relay: &Relay, text: &str) -> bool {
+    relay.log_text().contains(text)
+}
+
+fn vm_hwm_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// 7. Poison events in the middle of a batch (payload over max_payload, a subject no
+///    stream captures) are dead-lettered with reasons; everything after them arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_dead_lettered_and_the_stream_moves_on() {
+    let env = Env::start_with(Postgres::start(), Nats::start_with("max_payload: 65536")).await;
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let _relay = env.spawn_relay();
+    let c = env.sql().await;
+    c.batch_execute(
+        r#"BEGIN;
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload) VALUES ('ok1', 'order', '{"i": 1}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload) VALUES ('big', 'order', jsonb_build_object('blob', repeat('x', 100000)));
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload) VALUES ('ok2', 'order', '{"i": 2}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload, destination_topics) VALUES ('lost', 'order', '{"i": 3}', '["nostream.anywhere"]');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload, metadata) VALUES ('ok3', 'order', '{"i": 4}', '{"bad": "a\r\nb", "traceparent": "00-1-2-01"}');
+           COMMIT;
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload) VALUES ('ok4', 'order', '{"i": 5}');"#,
+    )
+    .await
+    .unwrap();
+    let js = env.js().await;
+    wait_count(&js, STREAM, 6).await;
+    let msgs = read_all(&js, STREAM).await;
+    let subjects: Vec<&str> = msgs.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "outbox.order.ok1",
+            "outbox.dlq.outbox.order.big",
+            "outbox.order.ok2",
+            "outbox.dlq.nostream.anywhere",
+            "outbox.order.ok3",
+            "outbox.order.ok4"
+        ]
+    );
+    let big = &msgs[1];
+    assert!(
+        big.header("Outbox-Dlq-Reason")
+            .unwrap()
+            .contains("max_payload"),
+        "{big:?}"
+    );
+    assert_eq!(
+        big.header("Outbox-Dlq-Original-Subject"),
+        Some("outbox.order.big")
+    );
+    assert!(
+        big.payload.is_empty(),
+        "too large for the dead letter too: sent without payload"
+    );
+    assert!(big.header("Outbox-Event-Id").is_some());
+    let lost = &msgs[3];
+    assert!(
+        lost.header("Outbox-Dlq-Reason")
+            .unwrap()
+            .contains("no stream captures subject nostream.anywhere")
+    );
+    assert_eq!(lost.payload, br#"{"i": 3}"#);
+    assert_eq!(msgs[4].header("traceparent"), Some("00-1-2-01"));
+    assert_eq!(msgs[4].header("bad"), None);
+    let port = env.http_port;
+    let (_, metrics) = http_get(port, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("outbox_relay_events_dead_lettered_total 2"),
+        "{metrics}"
+    );
+}
+
+/// A slot that vanished after the relay had delivered from it stops the relay with a
+/// message saying events may be lost; it is never silently recreated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_slot_after_delivery_is_fatal() {
+    let env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    insert_tx(&c, 3, "x").await;
+    wait_count(&env.js().await, STREAM, 3).await;
+    assert!(relay.terminate().success());
+    c.execute("SELECT pg_drop_replication_slot('outbox_relay')", &[])
+        .await
+        .unwrap();
+    let out = env.cli(&["run"]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr
+            .contains("replication slot outbox_relay is missing"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("may be lost"), "{}", out.stderr);
+    assert!(
+        env.confirmed_flush("outbox_relay").await.is_none(),
+        "slot must not be recreated"
+    );
+}
