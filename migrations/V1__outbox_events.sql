@@ -3,8 +3,7 @@
 -- `{schema}`, `{table}` and `{publication}` are filled in by `outbox-relay migrate` from
 -- [outbox] table and [postgres] publication; with the defaults this file is plain SQL
 -- for any migration tool after substituting public / outbox_events / outbox_relay.
-CREATE EXTENSION IF NOT EXISTS pgcrypto; -- gen_random_uuid() on PostgreSQL < 13
-
+-- gen_random_uuid() is built in from PostgreSQL 13; the relay supports 14 and later.
 CREATE TABLE IF NOT EXISTS "{schema}"."{table}" (
     id                 uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     event_topic        text        NOT NULL,

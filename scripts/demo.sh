@@ -158,8 +158,8 @@ http_status() { # path -> status code or nothing
 }
 
 pg_bin_dir() { # same rule as scripts/setup.sh and tests/support/postgres.rs
-    if [ -n "${OUTBOX_RELAY_PG_BIN:-}" ] && [ -x "${OUTBOX_RELAY_PG_BIN}/initdb" ]; then
-        printf '%s' "$OUTBOX_RELAY_PG_BIN"
+    if [ -n "${OUTBOX_TEST_PG_BIN:-}" ] && [ -x "${OUTBOX_TEST_PG_BIN}/initdb" ]; then
+        printf '%s' "$OUTBOX_TEST_PG_BIN"
         return
     fi
     local d best="" best_ver=-1 ver
@@ -176,8 +176,7 @@ pg_bin_dir() { # same rule as scripts/setup.sh and tests/support/postgres.rs
 }
 
 # The relay reads every OUTBOX_RELAY_* variable as a config override (and rejects
-# unknown ones, e.g. OUTBOX_RELAY_PG_BIN used by setup.sh and the tests): the demo's
-# config file alone decides, so run it without them.
+# unknown ones): the demo's config file alone decides, so run it without them.
 RELAY_ENV=(env)
 for v in $(compgen -e); do
     case "$v" in OUTBOX_RELAY_*) RELAY_ENV+=(-u "$v") ;; esac
@@ -280,6 +279,10 @@ subject = "outbox.{aggregate_type}.{event_topic}"
 [http]
 listen = "127.0.0.1:$HTTP_PORT"
 
+[log]
+# The relay's own lines at info; the client libraries' only from warn up.
+level = "warn,outbox_relay=info"
+
 # Created (or updated) by \`run\` at start. It also captures the dead-letter
 # subjects (outbox.dlq.>).
 [[streams]]
@@ -295,7 +298,7 @@ log "outbox-relay check"
 "${RELAY_ENV[@]}" "$RELAY" --config "$CONF" check
 
 log "outbox-relay run (background, log $DEMO/relay.log)"
-"${RELAY_ENV[@]}" "$RELAY" --config "$CONF" run >>"$DEMO/relay.log" 2>&1 &
+"${RELAY_ENV[@]}" NO_COLOR=1 "$RELAY" --config "$CONF" run >>"$DEMO/relay.log" 2>&1 &
 RELAY_PID=$!
 for ((i = 0; i < 600; i++)); do
     [ "$(http_status /readyz)" = "200" ] && break
@@ -310,6 +313,8 @@ echo "  ready: http://127.0.0.1:$HTTP_PORT/readyz says 200"
 
 # --- 5. tail + producer ------------------------------------------------------------------
 log "tail: every message of stream $STREAM as it arrives (seq, subject, Nats-Msg-Id, latency)"
+: >"$DEMO/tail.out"
+: >"$DEMO/tail.err"
 "$TAIL" --nats "nats://127.0.0.1:$NATS_PORT" --stream "$STREAM" --all >"$DEMO/tail.out" 2>"$DEMO/tail.err" &
 TAIL_PID=$!
 tail -n +1 -f --pid="$TAIL_PID" "$DEMO/tail.out" &

@@ -82,9 +82,9 @@ pg_bin_dir() {
     printf '%s' "$best"
 }
 
-if [ -n "${OUTBOX_RELAY_PG_BIN:-}" ] && [ -x "${OUTBOX_RELAY_PG_BIN}/initdb" ]; then
-    log "PostgreSQL: using OUTBOX_RELAY_PG_BIN=$OUTBOX_RELAY_PG_BIN"
-    PG_BIN="$OUTBOX_RELAY_PG_BIN"
+if [ -n "${OUTBOX_TEST_PG_BIN:-}" ] && [ -x "${OUTBOX_TEST_PG_BIN}/initdb" ]; then
+    log "PostgreSQL: using OUTBOX_TEST_PG_BIN=$OUTBOX_TEST_PG_BIN"
+    PG_BIN="$OUTBOX_TEST_PG_BIN"
 else
     PG_BIN="$(pg_bin_dir)"
     if [ -z "$PG_BIN" ]; then

@@ -118,7 +118,7 @@ fn too_large(env: &Envelope, max_payload: usize) -> bool {
 
 /// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the
 /// checkpoint key.
-fn origin(cfg: &Config) -> Result<String> {
+pub fn origin(cfg: &Config) -> Result<String> {
     let pc = admin::pg_config(cfg)?;
     let db = pc.get_dbname().or(pc.get_user()).unwrap_or("postgres");
     Ok(format!("{db}/{}", cfg.postgres.slot))

@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use async_nats::jetstream::{self, kv};
+
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -52,20 +53,32 @@ impl Checkpoint {
     ) -> Result<Checkpoint> {
         let store = match js.get_key_value(bucket).await {
             Ok(s) => s,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_string(),
-                    description: "outbox-relay positions (one key per database/slot)".into(),
-                    history: 1,
+            Err(_) => {
+                // Created as a plain stream with the KV conventions (what
+                // `create_key_value` does), because that call first queries account
+                // info, which async-nats cannot parse from nats-server 2.9.
+                js.create_stream(jetstream::stream::Config {
+                    name: format!("KV_{bucket}"),
+                    description: Some("outbox-relay positions (one key per database/slot)".into()),
+                    subjects: vec![format!("$KV.{bucket}.>")],
+                    max_messages_per_subject: 1,
                     storage: jetstream::stream::StorageType::File,
                     num_replicas: replicas.max(1),
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    discard: jetstream::stream::DiscardPolicy::New,
                     ..Default::default()
                 })
                 .await
                 .map_err(|e| {
                     Error::transient(format!("create checkpoint bucket {bucket}: {e}"))
                         .hint("check that JetStream has room for a small KV bucket, or create it: nats kv add <bucket>")
-                })?,
+                })?;
+                js.get_key_value(bucket).await.map_err(|e| {
+                    Error::transient(format!("open checkpoint bucket {bucket}: {e}"))
+                })?
+            }
         };
         let key = key_for(origin);
         let saved = match store.get(&key).await {
@@ -84,6 +97,17 @@ impl Checkpoint {
             }
         };
         Ok(Checkpoint { store, key, saved })
+    }
+
+    /// Read the saved position without creating anything (for `status`).
+    pub async fn peek(js: &jetstream::Context, bucket: &str, origin: &str) -> Result<Option<u64>> {
+        let Ok(store) = js.get_key_value(bucket).await else {
+            return Ok(None);
+        };
+        match store.get(key_for(origin)).await {
+            Ok(v) => Ok(v.as_deref().and_then(parse)),
+            Err(e) => Err(Error::transient(format!("read checkpoint: {e}"))),
+        }
     }
 
     /// The position persisted last; 0 when none.

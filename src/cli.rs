@@ -20,7 +20,9 @@ pub async fn check(cfg: &Config) -> Vec<admin::Problem> {
     match sink::connect(cfg).await {
         Ok(client) => {
             let js = sink::jetstream(client, cfg);
-            if let Err(e) = js.query_account().await {
+            // Listing streams needs JetStream and, unlike account info, parses on 2.9.
+            let probe = futures::StreamExt::next(&mut js.stream_names()).await;
+            if let Some(Err(e)) = probe {
                 problems.push(problem(
                     &format!("nats at {} has no jetstream: {e}", cfg.nats.url.redacted()),
                     Some("start nats-server with -js (JetStream enabled)"),
@@ -79,6 +81,10 @@ pub struct Status {
     pub table: String,
     pub postgres: String,
     pub nats: String,
+    /// This source's name in message headers and the checkpoint key.
+    pub origin: String,
+    /// Position persisted in the checkpoint bucket.
+    pub checkpoint: Option<String>,
     pub streams: Vec<StreamStatus>,
     pub errors: Vec<String>,
 }
@@ -89,6 +95,8 @@ pub struct StreamStatus {
     pub subjects: Vec<String>,
     pub messages: u64,
     pub last_sequence: u64,
+    /// Position (`lsn.index`) of the last message this source published to the stream.
+    pub last_published: Option<String>,
 }
 
 /// `status`: slot position and lag, streams. Never prints a secret: URLs are redacted.
@@ -101,6 +109,8 @@ pub async fn status(cfg: &Config) -> Result<Status> {
         table: cfg.outbox.table.clone(),
         postgres: cfg.postgres.url.redacted(),
         nats: cfg.nats.url.redacted(),
+        origin: crate::app::origin(cfg)?,
+        checkpoint: None,
         streams: Vec::new(),
         errors: Vec::new(),
     };
@@ -117,7 +127,24 @@ pub async fn status(cfg: &Config) -> Result<Status> {
     match sink::connect(cfg).await {
         Ok(client) => {
             let js = sink::jetstream(client, cfg);
+            match crate::checkpoint::Checkpoint::peek(&js, &cfg.checkpoint.bucket, &st.origin).await
+            {
+                Ok(c) => st.checkpoint = c.map(crate::route::format_lsn),
+                Err(e) => st.errors.push(e.message),
+            }
+            let marks = match crate::checkpoint::Reconciler::load(&js, &st.origin).await {
+                Ok(r) => r.marks().clone(),
+                Err(e) => {
+                    st.errors.push(e.message);
+                    Default::default()
+                }
+            };
             let mut names: Vec<String> = cfg.streams.iter().map(|s| s.name.clone()).collect();
+            for n in marks.keys() {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
             for subject in [sink::streams::probe_subject(&cfg.routing.subject)] {
                 if let Ok(Some(n)) = sink::streams::stream_for(&js, &subject).await
                     && !names.contains(&n)
@@ -129,6 +156,9 @@ pub async fn status(cfg: &Config) -> Result<Status> {
                 match js.get_stream(&name).await {
                     Ok(mut s) => match s.info().await {
                         Ok(info) => st.streams.push(StreamStatus {
+                            last_published: marks.get(&name).map(|p| {
+                                format!("{}.{}", crate::route::format_lsn(p.commit_lsn), p.index)
+                            }),
                             name,
                             subjects: info.config.subjects.clone(),
                             messages: info.state.messages,
@@ -169,10 +199,19 @@ pub fn print_status(st: &Status) {
         }
         None => println!("slot         {} (missing: `run` creates it)", st.slot),
     }
+    println!(
+        "checkpoint   {} (origin {})",
+        st.checkpoint.as_deref().unwrap_or("none"),
+        st.origin
+    );
     for s in &st.streams {
         println!(
-            "stream       {} {:?}: {} messages, last seq {}",
-            s.name, s.subjects, s.messages, s.last_sequence
+            "stream       {} {:?}: {} messages, last seq {}, last published here {}",
+            s.name,
+            s.subjects,
+            s.messages,
+            s.last_sequence,
+            s.last_published.as_deref().unwrap_or("-")
         );
     }
     for e in &st.errors {

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    init_tracing(&cfg);
+    init_tracing(&cfg, matches!(args.command, Command::Run));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -71,12 +71,21 @@ fn fail(e: &Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn init_tracing(cfg: &Config) {
+/// `run` logs at `log.level`; the one-shot commands print their report and log only
+/// warnings, so library chatter does not bury the answer.
+fn init_tracing(cfg: &Config, long_running: bool) {
+    use std::io::IsTerminal;
+    let level = if long_running {
+        cfg.log.level.as_str()
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
         builder.json().init();

@@ -489,5 +489,16 @@ async fn status_reports_slot_and_streams() {
     assert!(v["slot_info"]["lag_bytes"].is_i64());
     assert_eq!(v["streams"][0]["name"], STREAM);
     assert_eq!(v["streams"][0]["messages"], 4);
+    assert_eq!(v["origin"], "app/outbox_relay");
+    let checkpoint = v["checkpoint"]
+        .as_str()
+        .expect("checkpoint saved at shutdown");
+    let confirmed = v["slot_info"]["confirmed_flush_lsn"].as_str().unwrap();
+    assert_eq!(
+        checkpoint, confirmed,
+        "graceful stop persists and confirms the same position"
+    );
+    let last = v["streams"][0]["last_published"].as_str().unwrap();
+    assert!(last.ends_with(".3"), "{last}");
     let _ = Duration::ZERO;
 }

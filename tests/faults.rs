@@ -74,10 +74,6 @@ impl Producer {
                     }
                     Err(_) => client = None,
                 }
-                // Leave room for the relay and the fault injection on 2 cores.
-                if n % 2000 < size {
-                    tokio::task::yield_now().await;
-                }
             }
             d.store(true, Ordering::Relaxed);
         });

@@ -169,7 +169,9 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
     } else {
         let cols: Vec<String> = client
             .query(
-                "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+                "SELECT a.attname::text FROM pg_attribute a
+                 JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&schema, &table],
             )
             .await

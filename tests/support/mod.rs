@@ -3,7 +3,7 @@
 //!
 //! Every server lives in its own temp dir under `<temp_dir>/outbox-relay-tests-<uid>/`
 //! and is stopped and removed on drop, so tests can run in parallel. Set
-//! `OUTBOX_RELAY_KEEP_TEST_DIRS=1` to keep the dirs (logs, data) for debugging.
+//! `OUTBOX_TEST_KEEP_DIRS=1` to keep the dirs (logs, data) for debugging.
 //! Servers left behind by a test process that was killed (SIGKILL, timeout)
 //! are stopped and their dirs removed by the next test process that starts a
 //! server (see [`sweep_stale_dirs`]).
@@ -220,7 +220,7 @@ pub fn file_len(path: &Path) -> u64 {
 
 /// Whether temp dirs should be kept after the test (debugging aid).
 pub fn keep_test_dirs() -> bool {
-    std::env::var_os("OUTBOX_RELAY_KEEP_TEST_DIRS").is_some_and(|v| !v.is_empty() && v != "0")
+    std::env::var_os("OUTBOX_TEST_KEEP_DIRS").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Base dir for all test temp dirs: `<temp_dir>/outbox-relay-tests-<uid>`,

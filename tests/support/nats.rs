@@ -7,7 +7,7 @@
 //! nats.start_again();                             // same port and store dir: streams survive
 //! ```
 //!
-//! Binary: `$OUTBOX_RELAY_NATS_SERVER`, else `<repo>/.tools/bin/nats-server`
+//! Binary: `$OUTBOX_TEST_NATS_SERVER`, else `<repo>/.tools/bin/nats-server`
 //! (installed by scripts/setup.sh), else `nats-server` on PATH, else
 //! `/usr/sbin/nats-server` (Debian's 2.9). [`Nats::start_with_bin`] picks a
 //! binary explicitly, for compatibility tests.
@@ -61,7 +61,7 @@ impl Nats {
     pub fn start_with_bin(bin: &Path, config_extra: &str) -> Nats {
         assert!(
             bin.is_file(),
-            "nats-server binary {} not found (run `bash scripts/setup.sh` or set OUTBOX_RELAY_NATS_SERVER)",
+            "nats-server binary {} not found (run `bash scripts/setup.sh` or set OUTBOX_TEST_NATS_SERVER)",
             bin.display()
         );
         let dir = tempfile::Builder::new()
@@ -95,7 +95,7 @@ impl Nats {
 
     /// The binary [`Nats::start`] uses (see module docs for the order).
     pub fn binary() -> PathBuf {
-        if let Some(p) = std::env::var_os("OUTBOX_RELAY_NATS_SERVER").filter(|p| !p.is_empty()) {
+        if let Some(p) = std::env::var_os("OUTBOX_TEST_NATS_SERVER").filter(|p| !p.is_empty()) {
             return PathBuf::from(p);
         }
         let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/nats-server");

@@ -7,7 +7,7 @@
 //! pg.start_again();                               // same data dir and port, crash recovery
 //! ```
 //!
-//! Binaries: `$OUTBOX_RELAY_PG_BIN` (a bin dir), else the highest
+//! Binaries: `$OUTBOX_TEST_PG_BIN` (a bin dir), else the highest
 //! `/usr/lib/postgresql/<ver>/bin` that has `initdb`.
 //!
 //! Running as root: PostgreSQL refuses to run as root, so `initdb` and
@@ -104,7 +104,7 @@ impl Postgres {
         for tool in ["initdb", "postgres"] {
             assert!(
                 bin.join(tool).is_file(),
-                "{} not found (set OUTBOX_RELAY_PG_BIN or run scripts/setup.sh)",
+                "{} not found (set OUTBOX_TEST_PG_BIN or run scripts/setup.sh)",
                 bin.join(tool).display()
             );
         }
@@ -501,9 +501,9 @@ fn tail_of(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// `$OUTBOX_RELAY_PG_BIN`, else the highest `/usr/lib/postgresql/<ver>/bin` with initdb.
+/// `$OUTBOX_TEST_PG_BIN`, else the highest `/usr/lib/postgresql/<ver>/bin` with initdb.
 pub fn pg_bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("OUTBOX_RELAY_PG_BIN").filter(|d| !d.is_empty()) {
+    if let Some(dir) = std::env::var_os("OUTBOX_TEST_PG_BIN").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
     let mut best: Option<(Vec<u32>, PathBuf)> = None;
@@ -521,7 +521,7 @@ pub fn pg_bin_dir() -> PathBuf {
         }
     }
     best.map(|(_, b)| b).unwrap_or_else(|| {
-        panic!("no PostgreSQL found: set OUTBOX_RELAY_PG_BIN or install it (bash scripts/setup.sh)")
+        panic!("no PostgreSQL found: set OUTBOX_TEST_PG_BIN or install it (bash scripts/setup.sh)")
     })
 }
 

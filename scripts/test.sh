@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: `bash scripts/test.sh`.
+# Installs what it needs (PostgreSQL server binaries, nats-server) via setup.sh, then
+# runs formatting and lint checks, unit tests, the integration suite against real
+# servers (current nats-server, then the core suite again against Debian's 2.9), and
+# the static validation of the Docker deploy path.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setup: PostgreSQL server binaries, nats-server"
+bash scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo test (unit tests, integration suite against real servers)"
+cargo test --locked
+
+if [ -x /usr/sbin/nats-server ]; then
+    step "compatibility: core suite against Debian's nats-server $(/usr/sbin/nats-server --version 2>/dev/null || true)"
+    OUTBOX_TEST_NATS_SERVER=/usr/sbin/nats-server cargo test --locked --test main -- core:: faults::poison faults::terminated
+else
+    step "compatibility: /usr/sbin/nats-server (Debian 2.9) not installed: skipped"
+fi
+
+step "docker-compose.yml and Dockerfile: static validation"
+python3 scripts/validate-compose.py target/debug/outbox-relay
+
+step "all green"
