@@ -34,6 +34,7 @@ pub async fn run(cfg: Config, health: Arc<Health>, shutdown: watch::Receiver<boo
     let mut confirmed: u64 = 0;
     let mut backoff = new_backoff();
     let mut last_error: Option<String> = None;
+    let mut slot_busy_since: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let mut session = Session {
@@ -48,7 +49,20 @@ pub async fn run(cfg: Config, health: Arc<Health>, shutdown: watch::Receiver<boo
         match result {
             Ok(()) => return Ok(()),
             Err(e) if !e.is_transient() => return Err(e),
+            Err(e)
+                if is_slot_busy(&e)
+                    && slot_busy_given_up(&mut slot_busy_since, cfg.postgres.slot_busy_timeout) =>
+            {
+                return Err(Error::fatal(format!(
+                    "{} (still after {:?})",
+                    e.message, cfg.postgres.slot_busy_timeout
+                ))
+                .hint("another relay or pg_recvlogical streams from this slot: stop it, or give this relay its own postgres.slot; set postgres.slot_busy_timeout = \"0s\" to wait as a standby"));
+            }
             Err(e) => {
+                if !is_slot_busy(&e) {
+                    slot_busy_since = None;
+                }
                 // A session that streamed for a while resets the backoff: this is a new
                 // outage, not the same one continuing.
                 if started.elapsed() > Duration::from_secs(30) {
@@ -73,6 +87,16 @@ pub async fn run(cfg: Config, health: Arc<Health>, shutdown: watch::Receiver<boo
             }
         }
     }
+}
+
+fn is_slot_busy(e: &Error) -> bool {
+    e.message.to_lowercase().contains("is active for pid")
+}
+
+/// Starts the clock at the first "slot busy" and says when the timeout has passed.
+fn slot_busy_given_up(since: &mut Option<Instant>, timeout: Duration) -> bool {
+    let first = *since.get_or_insert_with(Instant::now);
+    !timeout.is_zero() && first.elapsed() >= timeout
 }
 
 fn new_backoff() -> backon::ExponentialBackoff {

@@ -69,6 +69,11 @@ pub struct PostgresConfig {
     /// How often status feedback is sent while positions move.
     #[serde(with = "humantime_serde")]
     pub status_interval: Duration,
+    /// How long to keep retrying while another process holds the slot (a relay that
+    /// just died, whose walsender has not noticed yet, holds it for a moment) before
+    /// stopping with the holder's PID. `"0s"` waits forever (standby mode).
+    #[serde(with = "humantime_serde")]
+    pub slot_busy_timeout: Duration,
 }
 
 impl Default for PostgresConfig {
@@ -78,6 +83,7 @@ impl Default for PostgresConfig {
             slot: "outbox_relay".into(),
             publication: "outbox_relay".into(),
             status_interval: Duration::from_secs(1),
+            slot_busy_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -113,33 +113,36 @@ pub fn from_pg(err: &tokio_postgres::Error) -> Error {
 /// Classify an error of the replication transport.
 pub fn from_repl(err: &pgwire_replication::PgWireError) -> Error {
     let text = lower(&err.to_string());
+    // Match on a lowercased copy; show the server's words as they are.
+    let lc = text.to_lowercase();
     if err.is_server() {
+        let text = &text;
         // The server refused something: slot in use, slot missing, publication missing.
-        if text.contains("is active for pid") {
+        if lc.contains("is active for pid") {
             return Error::transient(format!("replication: {text}")).hint(
                 "another process is streaming from this slot; stop it, or wait: the relay retries (standby mode)",
             );
         }
-        if text.contains("does not exist") && text.contains("replication slot") {
+        if lc.contains("does not exist") && lc.contains("replication slot") {
             return Error::fatal(format!("replication: {text}")).hint(
                 "the slot vanished after the relay created it: events committed since may be lost; \
                  investigate who dropped it, then restart the relay to create a new one",
             );
         }
-        if text.contains("publication") && text.contains("does not exist") {
+        if lc.contains("publication") && lc.contains("does not exist") {
             return Error::fatal(format!("replication: {text}"))
                 .hint("run `outbox-relay migrate` or create the publication named in postgres.publication");
         }
-        if text.contains("terminating") || text.contains("shutdown") || text.contains("recovery") {
+        if lc.contains("terminating") || lc.contains("shutdown") || lc.contains("recovery") {
             return Error::transient(format!("replication: {text}"));
         }
-        if text.contains("permission") || text.contains("must be superuser or replication") {
+        if lc.contains("permission") || lc.contains("must be superuser or replication") {
             return Error::fatal(format!("replication: {text}"))
                 .hint("grant the role REPLICATION: ALTER ROLE <user> REPLICATION");
         }
         return Error::fatal(format!("replication: {text}"));
     }
-    if text.contains("auth") || text.contains("password") {
+    if err.is_auth() || lc.contains("password authentication") {
         return Error::fatal(format!("replication: {text}"))
             .hint("check the user and password in postgres.url and pg_hba.conf (a `replication` line may be needed)");
     }

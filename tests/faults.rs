@@ -39,7 +39,7 @@ impl Producer {
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 // Mostly small transactions, some large: 1..=20 or 100..=1000.
-                let size = if (rng >> 40) % 10 == 0 {
+                let size = if (rng >> 40).is_multiple_of(10) {
                     100 + (rng >> 20) as i64 % 900
                 } else {
                     1 + (rng >> 20) as i64 % 20
@@ -467,4 +467,96 @@ async fn missing_slot_after_delivery_is_fatal() {
         env.confirmed_flush("outbox_relay").await.is_none(),
         "slot must not be recreated"
     );
+}
+
+/// A slot held by another process: the relay retries, then stops naming the holder's PID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_held_by_another_process_is_named() {
+    let env = Env::start_migrated().await;
+    let _first = env.spawn_relay();
+    let c = env.sql().await;
+    insert_tx(&c, 1, "x").await;
+    wait_count(&env.js().await, STREAM, 1).await;
+    let holder: i32 = c
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let text = std::fs::read_to_string(env.config_path())
+        .unwrap()
+        .replace(
+            "status_interval = \"100ms\"",
+            "status_interval = \"100ms\"\nslot_busy_timeout = \"2s\"",
+        )
+        .replace(&format!("127.0.0.1:{}", env.http_port), "");
+    env.write_raw_config(&text);
+    let out = env.cli(&["run"]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains(&format!("is active for PID {holder}")),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("slot_busy_timeout"), "{}", out.stderr);
+}
+
+/// The publication dropped while streaming stops the relay with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_dropped_while_streaming_is_fatal() {
+    let env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    insert_tx(&c, 1, "x").await;
+    wait_count(&env.js().await, STREAM, 1).await;
+    c.batch_execute("DROP PUBLICATION outbox_relay")
+        .await
+        .unwrap();
+    insert_tx(&c, 1, "y").await;
+    wait_for("relay to stop", DEADLINE, || {
+        let exited = relay.exited();
+        async move { exited.is_some() }
+    })
+    .await;
+    let log = relay.log_text();
+    assert!(
+        log.contains("publication") && log.contains("does not exist"),
+        "{log}"
+    );
+    assert!(log.contains("outbox-relay migrate"), "{log}");
+}
+
+/// REPLICATION revoked from the relay's role: it stops with the GRANT to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_privilege_revoked_is_fatal() {
+    let env = Env::start_migrated().await;
+    let c = env.sql().await;
+    c.batch_execute(
+        "CREATE ROLE relay LOGIN REPLICATION;
+         GRANT SELECT ON outbox_events TO relay;",
+    )
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(env.config_path())
+        .unwrap()
+        .replace("postgres://postgres@", "postgres://relay@");
+    env.write_raw_config(&text);
+    let mut relay = env.spawn_relay();
+    insert_tx(&c, 1, "x").await;
+    wait_count(&env.js().await, STREAM, 1).await;
+    c.batch_execute(
+        "ALTER ROLE relay NOREPLICATION;
+         SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active_pid IS NOT NULL;",
+    )
+    .await
+    .unwrap();
+    wait_for("relay to stop", DEADLINE, || {
+        let exited = relay.exited();
+        async move { exited.is_some() }
+    })
+    .await;
+    let log = relay.log_text();
+    assert!(log.contains("REPLICATION"), "{log}");
 }
