@@ -16,7 +16,7 @@ use crate::support::postgres::Postgres;
 use crate::support::{free_port, wait_for};
 
 pub const STREAM: &str = "OUTBOX";
-pub const DEADLINE: Duration = Duration::from_secs(120);
+pub const DEADLINE: Duration = Duration::from_secs(300);
 
 /// PostgreSQL + NATS with the outbox migrated in database `app`.
 pub struct Env {
