@@ -273,11 +273,9 @@ async fn destination_topics_fan_out_and_bad_subjects_dead_letter() {
     .await
     .unwrap();
     let js = env.js().await;
-    wait_count(&js, STREAM, 5).await;
-    let msgs = read_all(&js, STREAM).await;
-    let subjects: Vec<&str> = msgs.iter().map(|m| m.subject.as_str()).collect();
+    let msgs = wait_read(&js, STREAM, 5).await;
     assert_eq!(
-        subjects,
+        subjects(&msgs),
         [
             "outbox.billing.orders",
             "outbox.audit",

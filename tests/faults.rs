@@ -394,11 +394,9 @@ async fn poison_events_are_dead_lettered_and_the_stream_moves_on() {
     .await
     .unwrap();
     let js = env.js().await;
-    wait_count(&js, STREAM, 6).await;
-    let msgs = read_all(&js, STREAM).await;
-    let subjects: Vec<&str> = msgs.iter().map(|m| m.subject.as_str()).collect();
+    let msgs = wait_read(&js, STREAM, 6).await;
     assert_eq!(
-        subjects,
+        subjects(&msgs),
         [
             "outbox.order.ok1",
             "outbox.dlq.outbox.order.big",

@@ -340,6 +340,16 @@ pub async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
     out
 }
 
+/// Wait until `stream` holds `n` messages and read them all.
+pub async fn wait_read(js: &jetstream::Context, stream: &str, n: u64) -> Vec<Msg> {
+    wait_count(js, stream, n).await;
+    read_all(js, stream).await
+}
+
+pub fn subjects(msgs: &[Msg]) -> Vec<&str> {
+    msgs.iter().map(|m| m.subject.as_str()).collect()
+}
+
 /// Insert `n` rows in one transaction; returns their ids in insert order.
 pub async fn insert_tx(c: &tokio_postgres::Client, n: i64, topic: &str) -> Vec<String> {
     c.query(

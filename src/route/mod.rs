@@ -68,49 +68,27 @@ impl Router {
             p
         };
         let targets = match &ev.destination_topics {
-            Some(raw) if !is_json_null(raw) => match destination_subjects(raw) {
-                Ok(subjects) => subjects,
-                Err(reason) => {
-                    return vec![self.envelope(
-                        ev,
-                        pos(),
-                        fallback_subject(ev),
-                        None,
-                        Some(reason),
-                    )];
-                }
-            },
-            _ => match self.template.render(ev) {
-                Ok(subject) => vec![Ok(subject)],
-                Err(reason) => {
-                    return vec![self.envelope(
-                        ev,
-                        pos(),
-                        fallback_subject(ev),
-                        None,
-                        Some(reason),
-                    )];
-                }
-            },
+            Some(raw) if !is_json_null(raw) => destination_subjects(raw),
+            _ => self.template.render(ev).map(|subject| vec![Ok(subject)]),
+        };
+        let targets = match targets {
+            Ok(t) => t,
+            Err(reason) => {
+                let subject = fallback_subject(ev);
+                return vec![self.envelope(ev, pos(), subject, None, Some(reason))];
+            }
         };
         let fan_out = targets.len() > 1;
         targets
             .into_iter()
-            .map(|t| match t {
-                Ok(subject) => {
-                    let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
-                    self.envelope(ev, pos(), subject, msg_id, None)
-                }
-                Err((subject, reason)) => {
-                    let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
-                    self.envelope(
-                        ev,
-                        pos(),
-                        sanitize_subject_for_dlq(&subject),
-                        msg_id,
-                        Some(reason),
-                    )
-                }
+            .map(|t| {
+                let (subject, dead_letter) = match t {
+                    Ok(subject) => (subject, None),
+                    Err((subject, reason)) => (sanitize_subject_for_dlq(&subject), Some(reason)),
+                };
+                // Copies of one event in one stream must not dedup each other.
+                let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
+                self.envelope(ev, pos(), subject, msg_id, dead_letter)
             })
             .collect()
     }

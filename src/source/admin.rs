@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, GenericClient, NoTls};
 
 use crate::config::Config;
 use crate::error::{Error, Result, from_pg};
@@ -55,14 +55,7 @@ pub async fn migrate(client: &mut Client, cfg: &Config) -> Result<Vec<String>> {
     )
     .await
     .map_err(|e| from_pg(&e))?;
-    let exists: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
-            &[&schema, &table],
-        )
-        .await
-        .map_err(|e| from_pg(&e))?
-        .get(0);
+    let exists = table_exists(&tx, &schema, &table).await?;
     let mut done = Vec::new();
     if exists {
         done.push(format!("table {schema}.{table} exists: left unchanged"));
@@ -153,14 +146,7 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
             "ALTER ROLE <relay user> REPLICATION",
         ));
     }
-    let table_exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
-            &[&schema, &table],
-        )
-        .await
-        .map_err(|e| from_pg(&e))?
-        .get(0);
+    let table_exists = table_exists(client, &schema, &table).await?;
     if !table_exists {
         problems.push(Problem::new(
             format!("outbox table {schema}.{table} does not exist"),
@@ -259,6 +245,17 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
         }
     }
     Ok(problems)
+}
+
+async fn table_exists(client: &impl GenericClient, schema: &str, table: &str) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0))
 }
 
 pub async fn current_database(client: &Client) -> Result<String> {
