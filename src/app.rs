@@ -26,8 +26,22 @@ use crate::sink::streams::StreamIndex;
 use crate::sink::{self, Sink};
 use crate::source::{Event, Stream, admin};
 
+/// Switches of `outbox-relay run` that are not configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Decode and route, but publish nothing and never confirm a position (the slot
+    /// and the checkpoint stay where they are): measures the pipeline without NATS
+    /// publishing, and cannot lose events if run by mistake.
+    pub null_sink: bool,
+}
+
 /// Run the relay until `shutdown` becomes true or a fatal error occurs.
-pub async fn run(cfg: Config, health: Arc<Health>, shutdown: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(
+    cfg: Config,
+    health: Arc<Health>,
+    shutdown: watch::Receiver<bool>,
+    opts: RunOptions,
+) -> Result<()> {
     let template = Template::parse(&cfg.routing.subject)
         .map_err(|e| Error::fatal(format!("config key routing.subject: {e}")))?;
     let router = Router::new(template, &origin(&cfg)?);
@@ -38,6 +52,7 @@ pub async fn run(cfg: Config, health: Arc<Health>, shutdown: watch::Receiver<boo
     loop {
         let started = Instant::now();
         let mut session = Session {
+            null_sink: opts.null_sink,
             cfg: &cfg,
             router: &router,
             health: health.clone(),
@@ -109,6 +124,7 @@ fn new_backoff() -> backon::ExponentialBackoff {
 }
 
 struct Session<'a> {
+    null_sink: bool,
     cfg: &'a Config,
     router: &'a Router,
     health: Arc<Health>,
@@ -318,6 +334,9 @@ impl Session<'_> {
     }
 
     fn confirm(&mut self, stream: &Stream, lsn: u64) {
+        if self.null_sink {
+            return;
+        }
         if lsn > *self.confirmed {
             *self.confirmed = lsn;
             stream.confirm(lsn);
@@ -388,6 +407,11 @@ impl Session<'_> {
                             continue;
                         }
                         reconciler.passed(env.pos);
+                        if self.null_sink {
+                            st.tracker.ack(ticket);
+                            self.health.published();
+                            continue;
+                        }
                         if let Some(done) = sink.publish(ticket, env).await? {
                             st.tracker.ack(done);
                         }

@@ -26,7 +26,11 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Stream events (creates the replication slot if missing).
-    Run,
+    Run {
+        /// Decode and route only: publish nothing, confirm nothing (benchmarking).
+        #[arg(long)]
+        null_sink: bool,
+    },
     /// Create the outbox table, its indexes and the publication (idempotent).
     Migrate,
     /// Validate config and environment; list every problem with its fix.
@@ -44,7 +48,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
-    init_tracing(&cfg, matches!(args.command, Command::Run));
+    init_tracing(&cfg, matches!(args.command, Command::Run { .. }));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,7 +62,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match args.command {
-            Command::Run => run(cfg).await,
+            Command::Run { null_sink } => run(cfg, app::RunOptions { null_sink }).await,
             Command::Migrate => migrate(cfg).await,
             Command::Check => check(cfg).await,
             Command::Status { json } => status(cfg, json).await,
@@ -94,7 +98,7 @@ fn init_tracing(cfg: &Config, long_running: bool) {
     }
 }
 
-async fn run(cfg: Config) -> ExitCode {
+async fn run(cfg: Config, opts: app::RunOptions) -> ExitCode {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -114,7 +118,7 @@ async fn run(cfg: Config) -> ExitCode {
             Err(e) => return fail(&e),
         }
     };
-    let result = app::run(cfg, health, stop_rx).await;
+    let result = app::run(cfg, health, stop_rx, opts).await;
     if let Some(t) = http_task {
         t.abort();
     }

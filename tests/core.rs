@@ -500,3 +500,31 @@ async fn status_reports_slot_and_streams() {
     assert!(last.ends_with(".3"), "{last}");
     let _ = Duration::ZERO;
 }
+
+/// `run --null-sink` decodes and routes everything but publishes nothing and never
+/// moves the slot, so a normal run afterwards still delivers every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_sink_publishes_and_confirms_nothing() {
+    let env = Env::start_migrated().await;
+    let c = env.sql().await;
+    let before = env.confirmed_flush("outbox_relay").await.unwrap();
+    insert_tx(&c, 500, "n").await;
+    let mut relay = env.spawn_relay_args(&["--null-sink"]);
+    let port = env.http_port;
+    wait_for(
+        "500 events through the null sink",
+        DEADLINE,
+        || async move {
+            http_get(port, "/metrics")
+                .await
+                .is_some_and(|(_, b)| b.contains("outbox_relay_events_published_total 500"))
+        },
+    )
+    .await;
+    assert!(relay.terminate().success());
+    let js = env.js().await;
+    assert_eq!(stream_count(&js, STREAM).await, 0);
+    assert_eq!(env.confirmed_flush("outbox_relay").await.unwrap(), before);
+    let _relay = env.spawn_relay();
+    wait_count(&js, STREAM, 500).await;
+}

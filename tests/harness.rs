@@ -104,6 +104,11 @@ subjects = ["outbox.>"]
         Relay::spawn(&self.config_path(), self.dir.path())
     }
 
+    /// `run` with extra arguments, e.g. `--null-sink`.
+    pub fn spawn_relay_args(&self, args: &[&str]) -> Relay {
+        Relay::spawn_full(&self.config_path(), self.dir.path(), &[], args)
+    }
+
     pub async fn sql(&self) -> tokio_postgres::Client {
         self.pg.client("app").await
     }
@@ -158,6 +163,7 @@ pub struct Relay {
     config: PathBuf,
     dir: PathBuf,
     env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 impl Relay {
@@ -166,6 +172,11 @@ impl Relay {
     }
 
     pub fn spawn_env(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Relay {
+        Self::spawn_full(config, dir, env, &[])
+    }
+
+    /// `run` with extra environment and arguments.
+    pub fn spawn_full(config: &Path, dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Relay {
         let mut r = Relay {
             child: None,
             log: dir.join("relay.log"),
@@ -175,6 +186,7 @@ impl Relay {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         r.start();
         r
@@ -188,6 +200,7 @@ impl Relay {
             .expect("relay log");
         let mut cmd = relay_command(&self.config);
         cmd.arg("run")
+            .args(&self.args)
             .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log);
