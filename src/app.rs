@@ -9,7 +9,6 @@
 //! already stored. Fatal errors end the process with their hint.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -20,6 +19,7 @@ use crate::config::Config;
 use crate::decode::{self, PgMessage, RelationCache};
 use crate::error::{Error, Result};
 use crate::metrics::Health;
+use crate::monitor::{Delivered, Monitor};
 use crate::progress::Tracker;
 use crate::route::{Envelope, Router, Template};
 use crate::sink::streams::StreamIndex;
@@ -49,10 +49,15 @@ pub async fn run(
     let mut backoff = new_backoff();
     let mut last_error: Option<String> = None;
     let mut slot_busy_since: Option<Instant> = None;
+    let delivered = Arc::new(Delivered::default());
+    let mut started_once = false;
     loop {
         let started = Instant::now();
         let mut session = Session {
             null_sink: opts.null_sink,
+            notes_logged: started_once,
+            commits: Default::default(),
+            delivered: delivered.clone(),
             cfg: &cfg,
             router: &router,
             health: health.clone(),
@@ -60,6 +65,7 @@ pub async fn run(
             confirmed: &mut confirmed,
         };
         let result = session.run().await;
+        started_once |= session.notes_logged;
         health.set_connected(false, false);
         match result {
             Ok(()) => return Ok(()),
@@ -93,7 +99,7 @@ pub async fn run(
                     tracing::debug!(error = %e.message, retry_in = ?delay, "still failing");
                 }
                 health.set_last_error(Some(e.message.clone()));
-                health.reconnects.fetch_add(1, Relaxed);
+                health.reconnects.inc();
                 let mut stop = shutdown.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -125,6 +131,11 @@ fn new_backoff() -> backon::ExponentialBackoff {
 
 struct Session<'a> {
     null_sink: bool,
+    notes_logged: bool,
+    /// Commit end LSN and time of transactions read but not yet confirmed (retention
+    /// must not prune rows of undelivered transactions).
+    commits: std::collections::VecDeque<(u64, i64)>,
+    delivered: Arc<Delivered>,
     cfg: &'a Config,
     router: &'a Router,
     health: Arc<Health>,
@@ -168,6 +179,17 @@ pub fn origin(cfg: &Config) -> Result<String> {
 struct OpenTx {
     commit_lsn: u64,
     index: u32,
+    committed_at_us: i64,
+}
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
+
+/// The `Outbox-Tenant-Id` of a message ("" when none), for metrics.
+pub fn tenant_of(env: &Envelope) -> &str {
+    env.headers
+        .get(crate::route::headers::TENANT_ID)
+        .map_or("", |v| v.as_str())
 }
 
 impl Session<'_> {
@@ -176,6 +198,12 @@ impl Session<'_> {
         let origin = origin(cfg)?;
         let sql = admin::connect(cfg).await?;
         admin::preflight(&sql, cfg).await?;
+        if !self.notes_logged {
+            for note in admin::setting_notes(&sql, cfg).await.unwrap_or_default() {
+                tracing::warn!("{note}");
+            }
+            self.notes_logged = true;
+        }
         let nats = sink::connect(cfg).await?;
         let max_payload = nats.server_info().max_payload;
         let js = sink::jetstream(nats, cfg);
@@ -229,6 +257,7 @@ impl Session<'_> {
         };
         let max_in_flight = cfg.nats.max_in_flight;
         let mut shutdown = self.shutdown.clone();
+        let mut monitor = Monitor::spawn(cfg.clone(), self.health.clone(), self.delivered.clone());
         let mut save_timer = tokio::time::interval(cfg.checkpoint.interval);
         save_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -237,6 +266,7 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                e = monitor.fatal() => break Err(e),
                 ack = sink.next_ack(), if sink.in_flight() > 0 => {
                     match ack {
                         Some(Ok(ticket)) => st.tracker.ack(ticket),
@@ -248,6 +278,7 @@ impl Session<'_> {
                     if let Err(e) = checkpoint.save(*self.confirmed).await {
                         break Err(e);
                     }
+                    self.health.checkpoint_lsn.set(checkpoint.saved() as i64);
                 }
                 ev = stream.recv(), if can_read => {
                     let ev = match ev {
@@ -263,9 +294,7 @@ impl Session<'_> {
             if let Some(lsn) = st.tracker.take_safe() {
                 self.confirm(&stream, lsn);
             }
-            self.health
-                .in_flight
-                .store(st.tracker.in_flight() as u64, Relaxed);
+            self.health.in_flight.set(st.tracker.in_flight() as i64);
         };
 
         // Stop reading; deliver what is in flight so the final position is as far as it
@@ -307,15 +336,15 @@ impl Session<'_> {
         env: &mut Envelope,
         index: &mut StreamIndex,
         sink: &Sink,
-    ) -> Result<Option<String>> {
+    ) -> Result<String> {
         let js = sink.context();
         if env.dead_letter.is_none() {
             let mut found = index.stream_of(&env.subject);
             if found.is_none() && index.refresh_if_older(js, Duration::from_secs(5)).await? {
                 found = index.stream_of(&env.subject);
             }
-            if found.is_some() {
-                return Ok(found);
+            if let Some(s) = found {
+                return Ok(s);
             }
             env.dead_letter = Some(format!("no stream captures subject {}", env.subject));
         }
@@ -324,23 +353,35 @@ impl Session<'_> {
         if found.is_none() && index.refresh_if_older(js, Duration::from_secs(1)).await? {
             found = index.stream_of(&dlq);
         }
-        match found {
-            Some(s) => Ok(Some(s)),
-            None => Err(Error::transient(format!("dead-letter subject {dlq} is not captured by any stream")).hint(format!(
+        found.ok_or_else(|| {
+            Error::transient(format!("dead-letter subject {dlq} is not captured by any stream")).hint(format!(
                 "create a stream for \"{}.>\" (or add it to [[streams]]); the event is retried until it can be stored",
                 self.cfg.routing.dead_letter_prefix
-            ))),
-        }
+            ))
+        })
     }
 
     fn confirm(&mut self, stream: &Stream, lsn: u64) {
         if self.null_sink {
             return;
         }
+        let mut last = None;
+        while let Some(&(end, at)) = self.commits.front() {
+            if end > lsn {
+                break;
+            }
+            last = Some(at);
+            self.commits.pop_front();
+        }
+        if let Some(at) = last {
+            self.delivered
+                .committed_at_us
+                .store(at, std::sync::atomic::Ordering::Relaxed);
+        }
         if lsn > *self.confirmed {
             *self.confirmed = lsn;
             stream.confirm(lsn);
-            self.health.confirmed_lsn.store(lsn, Relaxed);
+            self.health.confirmed(lsn);
         }
     }
 
@@ -353,16 +394,25 @@ impl Session<'_> {
         stream: &Stream,
     ) -> Result<()> {
         match ev {
-            Event::Begin { final_lsn, .. } => {
+            Event::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
                 st.tx = Some(OpenTx {
                     commit_lsn: final_lsn.as_u64(),
                     index: 0,
+                    committed_at_us: commit_time_micros.saturating_add(PG_EPOCH_UNIX_US),
                 });
             }
             Event::Commit { end_lsn, .. } => {
+                if let Some(open) = &st.tx {
+                    self.commits
+                        .push_back((end_lsn.as_u64(), open.committed_at_us));
+                }
                 st.tracker.push_commit(end_lsn.as_u64());
                 st.tx = None;
-                self.health.transactions.fetch_add(1, Relaxed);
+                self.health.transactions.inc();
             }
             Event::KeepAlive { wal_end, .. } => {
                 // Nothing open, nothing in flight: everything before wal_end was seen and
@@ -371,63 +421,83 @@ impl Session<'_> {
                     self.confirm(stream, wal_end.as_u64());
                 }
             }
-            Event::XLogData { data, .. } => match decode::parse(&data) {
-                Ok(PgMessage::Relation(rel)) => st.relations.update(rel),
-                Ok(PgMessage::Insert { relation_id, tuple }) => {
-                    let mapping = match st.relations.mapping(relation_id) {
-                        Ok(Some(m)) => m,
-                        Ok(None) => return Ok(()),
-                        Err(e) => {
-                            return Err(Error::fatal(format!("outbox row: {e}"))
+            Event::XLogData { data, .. } => {
+                self.health.bytes_decoded.inc_by(data.len() as u64);
+                self.handle_message(decode::parse(&data), st, reconciler, sink)
+                    .await?;
+            }
+            Event::Message { .. } | Event::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// One pgoutput message of the stream (Begin/Commit come pre-parsed).
+    async fn handle_message(
+        &mut self,
+        msg: std::result::Result<PgMessage, decode::DecodeError>,
+        st: &mut State,
+        reconciler: &mut Reconciler,
+        sink: &mut Sink,
+    ) -> Result<()> {
+        match msg {
+            Ok(PgMessage::Relation(rel)) => st.relations.update(rel),
+            Ok(PgMessage::Insert { relation_id, tuple }) => {
+                let mapping = match st.relations.mapping(relation_id) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        return Err(Error::fatal(format!("outbox row: {e}"))
                                 .hint("fix [outbox.columns] or the table, then restart; the row is not skipped"));
-                        }
-                    };
-                    let event = mapping.event(&tuple).map_err(|e| {
-                        Error::fatal(format!("outbox row: {e}"))
-                            .hint("fix [outbox.columns] or the table, then restart; the row is not skipped")
-                    })?;
-                    let Some(open) = st.tx.as_mut() else {
-                        return Err(Error::transient("protocol: insert outside a transaction"));
-                    };
-                    for mut env in self.router.route(&event, open.commit_lsn, &mut open.index) {
-                        let ticket = st.tracker.push_message();
-                        // Decide poison before publishing, so a replay decides the same and
-                        // reconciliation knows which stream the message went to.
-                        if env.dead_letter.is_none() && too_large(&env, st.max_payload) {
-                            env.dead_letter = Some(format!(
-                                "message of {} bytes exceeds the server's max_payload of {} bytes",
-                                env.payload.len(),
-                                st.max_payload
-                            ));
-                        }
-                        let stream_name = self.destination(&mut env, &mut st.index, sink).await?;
-                        if reconciler.already_stored(stream_name.as_deref(), env.pos) {
-                            st.tracker.ack(ticket);
-                            self.health.skipped_replays.fetch_add(1, Relaxed);
-                            continue;
-                        }
-                        reconciler.passed(env.pos);
-                        if self.null_sink {
-                            st.tracker.ack(ticket);
-                            self.health.published();
-                            continue;
-                        }
-                        if let Some(done) = sink.publish(ticket, env).await? {
-                            st.tracker.ack(done);
-                        }
+                    }
+                };
+                let event = mapping.event(&tuple).map_err(|e| {
+                    Error::fatal(format!("outbox row: {e}")).hint(
+                        "fix [outbox.columns] or the table, then restart; the row is not skipped",
+                    )
+                })?;
+                let Some(open) = st.tx.as_mut() else {
+                    return Err(Error::transient("protocol: insert outside a transaction"));
+                };
+                self.health.event_read();
+                for mut env in self.router.route(&event, open.commit_lsn, &mut open.index) {
+                    let ticket = st.tracker.push_message();
+                    // Decide poison before publishing, so a replay decides the same and
+                    // reconciliation knows which stream the message went to.
+                    if env.dead_letter.is_none() && too_large(&env, st.max_payload) {
+                        env.dead_letter = Some(format!(
+                            "message of {} bytes exceeds the server's max_payload of {} bytes",
+                            env.payload.len(),
+                            st.max_payload
+                        ));
+                    }
+                    env.stream = self.destination(&mut env, &mut st.index, sink).await?;
+                    env.committed_at_us = open.committed_at_us;
+                    if reconciler.already_stored(Some(&env.stream), env.pos) {
+                        st.tracker.ack(ticket);
+                        self.health.skipped_replays.inc();
+                        continue;
+                    }
+                    reconciler.passed(env.pos);
+                    if self.null_sink {
+                        st.tracker.ack(ticket);
+                        self.health
+                            .published(&env.stream, &env.subject, tenant_of(&env));
+                        continue;
+                    }
+                    if let Some(done) = sink.publish(ticket, env).await? {
+                        st.tracker.ack(done);
                     }
                 }
-                Ok(PgMessage::Truncate { .. }) => {
-                    tracing::warn!("truncate seen on the publication: truncates publish no events");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(Error::fatal(format!("pgoutput: {e}")).hint(
-                        "this is a bug or an unsupported server; report it with the server version",
-                    ));
-                }
-            },
-            Event::Message { .. } | Event::StoppedAt { .. } => {}
+            }
+            Ok(PgMessage::Truncate { .. }) => {
+                tracing::warn!("truncate seen on the publication: truncates publish no events");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Error::fatal(format!("pgoutput: {e}")).hint(
+                    "this is a bug or an unsupported server; report it with the server version",
+                ));
+            }
         }
         Ok(())
     }

@@ -7,14 +7,22 @@ use crate::error::Result;
 use crate::sink;
 use crate::source::admin;
 
-/// `check`: every problem with config and environment, each with its fix.
-pub async fn check(cfg: &Config) -> Vec<admin::Problem> {
+/// `check`: every problem with config and environment, each with its fix, and notes
+/// on server settings.
+pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     match admin::connect(cfg).await {
-        Ok(client) => match admin::environment_problems(&client, cfg).await {
-            Ok(p) => problems.extend(p),
-            Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
-        },
+        Ok(client) => {
+            match admin::environment_problems(&client, cfg).await {
+                Ok(p) => problems.extend(p),
+                Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
+            }
+            match admin::setting_notes(&client, cfg).await {
+                Ok(n) => notes.extend(n),
+                Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
+            }
+        }
         Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
     }
     match sink::connect(cfg).await {
@@ -54,7 +62,7 @@ pub async fn check(cfg: &Config) -> Vec<admin::Problem> {
         }
         Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
     }
-    problems
+    (problems, notes)
 }
 
 /// Does a `[[streams]]` entry (created at `run`) capture `subject`?

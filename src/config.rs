@@ -34,7 +34,63 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub checkpoint: CheckpointConfig,
+    pub monitor: MonitorConfig,
+    pub retention: RetentionConfig,
     pub streams: Vec<StreamConfig>,
+}
+
+/// The SQL-side watch: slot lag, lag guard, heartbeat.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// How often slot lag and slot health are read from PostgreSQL (also when idle).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Slot lag (bytes of WAL retained for the relay) that logs a warning.
+    pub lag_warn_bytes: u64,
+    /// Slot lag that makes `/readyz` fail, before the disk fills.
+    pub lag_fail_bytes: u64,
+    /// Write a transactional `pg_logical_emit_message` this often, so the slot advances
+    /// on a database whose other tables are busy while the outbox is idle. `"0s"`: off.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            lag_warn_bytes: 1 << 30,
+            lag_fail_bytes: 4 << 30,
+            heartbeat_interval: Duration::ZERO,
+        }
+    }
+}
+
+/// Optional pruning of delivered rows.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    pub enabled: bool,
+    /// Rows older than this are deleted, never rows newer than the last delivered
+    /// transaction's commit time.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rows per DELETE statement (each its own short transaction).
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            interval: Duration::from_secs(600),
+            batch_size: 5000,
+        }
+    }
 }
 
 /// Where the relay persists its position (see `checkpoint.rs` for why NATS KV).
@@ -433,6 +489,25 @@ impl Config {
         if self.checkpoint.interval.is_zero() {
             return Err(bad_key("checkpoint.interval", "must be > 0", "e.g. \"1s\""));
         }
+        if self.monitor.interval.is_zero() {
+            return Err(bad_key("monitor.interval", "must be > 0", "e.g. \"10s\""));
+        }
+        if self.monitor.lag_fail_bytes < self.monitor.lag_warn_bytes {
+            return Err(bad_key(
+                "monitor.lag_fail_bytes",
+                "is below monitor.lag_warn_bytes",
+                "warn first, fail later: lag_fail_bytes >= lag_warn_bytes",
+            ));
+        }
+        if self.retention.enabled
+            && (self.retention.interval.is_zero() || self.retention.batch_size == 0)
+        {
+            return Err(bad_key(
+                "retention.interval",
+                "interval and batch_size must be > 0",
+                "e.g. interval = \"10m\", batch_size = 5000",
+            ));
+        }
         if !self.http.listen.is_empty() {
             self.http.listen.parse::<SocketAddr>().map_err(|e| {
                 bad_key(
@@ -564,7 +639,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<()> {
                 .map(|k| (path, k.to_string()))
         }) else {
             return Err(Error::fatal(format!("environment variable {name}: no such config section"))
-                .hint("variables are OUTBOX_RELAY_<SECTION>_<KEY>, e.g. OUTBOX_RELAY_POSTGRES_URL; sections: postgres, outbox, nats, routing, http, log, checkpoint"));
+                .hint("variables are OUTBOX_RELAY_<SECTION>_<KEY>, e.g. OUTBOX_RELAY_POSTGRES_URL; sections: postgres, outbox, nats, routing, http, log, checkpoint, monitor, retention"));
         };
         let mut default_section = &defaults;
         for p in path {
@@ -668,6 +743,26 @@ listen = "127.0.0.1:9187"
             cfg.outbox.qualified(),
             ("public".into(), "outbox_events".into())
         );
+    }
+
+    /// docs/configuration.md's complete file parses and equals the defaults: the doc
+    /// cannot drift from the code.
+    #[test]
+    fn documented_complete_file_is_the_default() {
+        let doc = include_str!("../docs/configuration.md");
+        let start = doc
+            .find("## A complete file with every key at its default")
+            .and_then(|i| doc[i..].find("```toml").map(|j| i + j + "```toml".len()))
+            .expect("complete file section");
+        let end = start + doc[start..].find("```").expect("end of block");
+        let cfg = Config::from_sources(&doc[start..end], &[]).unwrap();
+        cfg.validate().unwrap();
+        let mut parsed = toml::Table::try_from(&cfg).unwrap();
+        let mut default = toml::Table::try_from(Config::default()).unwrap();
+        // The documented file declares an example stream; defaults have none.
+        parsed.remove("streams");
+        default.remove("streams");
+        assert_eq!(parsed, default);
     }
 
     #[test]

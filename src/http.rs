@@ -1,4 +1,5 @@
-//! `/healthz` (the process is alive), `/readyz` (connected to both ends), `/metrics`.
+//! `/healthz` (the process is alive), `/readyz` (connected to both ends, slot lag under
+//! `monitor.lag_fail_bytes`), `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,14 +42,12 @@ pub async fn serve(
 }
 
 async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    if h.ready() {
-        (StatusCode::OK, "ready\n".into())
-    } else {
-        let why = h.last_error().unwrap_or_else(|| "connecting".into());
-        (
+    match h.not_ready() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
-        )
+        ),
     }
 }
 

@@ -15,6 +15,8 @@
 //!   exactly-once resume beyond the dedup window.
 //! - [`app`]: the supervisor loop and one streaming session (wires the above).
 //! - [`cli`]: `check` and `status` reports.
+//! - [`monitor`]: SQL-side watch beside a session: slot lag and the lag guard, lost
+//!   slots, heartbeat, retention.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics` and the shared counters.
 pub mod app;
 pub mod checkpoint;
@@ -24,6 +26,7 @@ pub mod decode;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod monitor;
 pub mod progress;
 pub mod route;
 pub mod sink;

@@ -173,7 +173,10 @@ async fn migrate(cfg: Config) -> ExitCode {
 }
 
 async fn check(cfg: Config) -> ExitCode {
-    let problems = cli::check(&cfg).await;
+    let (problems, notes) = cli::check(&cfg).await;
+    for n in &notes {
+        println!("note: {n}");
+    }
     if problems.is_empty() {
         println!("ok: config valid, postgresql and nats ready for outbox-relay");
         return ExitCode::SUCCESS;

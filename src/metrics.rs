@@ -1,72 +1,335 @@
-//! Live state shared by the pipeline, `/readyz` and `/metrics`: counters and gauges
-//! updated with relaxed atomics (cheap on the hot path), read by the HTTP server.
+//! Live state shared by the pipeline, `/readyz` and `/metrics`.
+//!
+//! Metrics use `prometheus-client` (the exposition format is the crate's job). Readiness
+//! is a few atomics: connected to both ends, not stalled, slot lag under the limit.
+//! Every metric is documented in `docs/operations.md`; keep the two in step.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-#[derive(Debug, Default)]
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishedLabels {
+    pub stream: String,
+    /// First token of the subject: bounded cardinality, unlike the whole subject.
+    pub subject_root: String,
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    pub end: String,
+}
+
+/// All counters and gauges, and the readiness state.
+#[derive(Debug)]
 pub struct Health {
-    pub postgres_connected: AtomicBool,
-    pub nats_connected: AtomicBool,
-    /// Last position confirmed to PostgreSQL.
-    pub confirmed_lsn: AtomicU64,
-    pub events_published: AtomicU64,
-    pub events_dead_lettered: AtomicU64,
-    pub transactions: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub in_flight: AtomicU64,
-    /// Replayed messages found already stored in their stream (reconciliation).
-    pub skipped_replays: AtomicU64,
+    registry: Registry,
+    pub published: Family<PublishedLabels, Counter>,
+    pub publish_errors: Family<KindLabels, Counter>,
+    pub dead_lettered: Family<KindLabels, Counter>,
+    pub skipped_replays: Counter,
+    pub transactions: Counter,
+    pub bytes_decoded: Counter,
+    pub reconnects: Counter,
+    pub in_flight: Gauge,
+    pub puback_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub slot_lag_bytes: Gauge,
+    pub confirmed_lsn: Gauge,
+    pub checkpoint_lsn: Gauge,
+    connected: Family<EndLabels, Gauge>,
+    since_last_event: Gauge,
+    since_last_confirm: Gauge,
+    postgres_connected: AtomicBool,
+    nats_connected: AtomicBool,
+    /// Slot lag above the configured failure limit: not ready.
+    lag_exceeded: AtomicBool,
+    last_event_ms: AtomicU64,
+    last_confirm_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl Health {
-    pub fn published(&self) {
-        self.events_published.fetch_add(1, Relaxed);
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outbox_relay");
+        let published = Family::<PublishedLabels, Counter>::default();
+        let publish_errors = Family::<KindLabels, Counter>::default();
+        let dead_lettered = Family::<KindLabels, Counter>::default();
+        let skipped_replays = Counter::default();
+        let transactions = Counter::default();
+        let bytes_decoded = Counter::default();
+        let reconnects = Counter::default();
+        let in_flight = Gauge::default();
+        // 100 µs .. ~100 s.
+        let puback_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        let end_to_end_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        let slot_lag_bytes = Gauge::default();
+        let confirmed_lsn = Gauge::default();
+        let checkpoint_lsn = Gauge::default();
+        let connected = Family::<EndLabels, Gauge>::default();
+        let since_last_event = Gauge::default();
+        let since_last_confirm = Gauge::default();
+        registry.register(
+            "events_published",
+            "Messages acknowledged by JetStream (PubAck)",
+            published.clone(),
+        );
+        registry.register(
+            "publish_errors",
+            "Failed publishes by kind (each ends the session; the events are retried)",
+            publish_errors.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Events sent to the dead-letter subject, by reason",
+            dead_lettered.clone(),
+        );
+        registry.register(
+            "replays_skipped",
+            "Replayed messages found already stored in their stream",
+            skipped_replays.clone(),
+        );
+        registry.register(
+            "transactions",
+            "Transactions read from the replication stream",
+            transactions.clone(),
+        );
+        registry.register(
+            "decoded_bytes",
+            "Bytes of pgoutput messages decoded",
+            bytes_decoded.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Sessions restarted after a transient error",
+            reconnects.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Messages published whose PubAck is pending",
+            in_flight.clone(),
+        );
+        registry.register(
+            "puback_seconds",
+            "Time from publish to PubAck",
+            puback_seconds.clone(),
+        );
+        registry.register(
+            "end_to_end_seconds",
+            "Time from the transaction's commit to the PubAck",
+            end_to_end_seconds.clone(),
+        );
+        registry.register(
+            "slot_lag_bytes",
+            "pg_current_wal_lsn() - confirmed_flush_lsn of the slot, refreshed on a timer",
+            slot_lag_bytes.clone(),
+        );
+        registry.register(
+            "confirmed_lsn",
+            "Last position confirmed to PostgreSQL",
+            confirmed_lsn.clone(),
+        );
+        registry.register(
+            "checkpoint_lsn",
+            "Last position persisted in the checkpoint bucket",
+            checkpoint_lsn.clone(),
+        );
+        registry.register(
+            "connected",
+            "1 while connected to that end (postgres, nats)",
+            connected.clone(),
+        );
+        registry.register(
+            "seconds_since_last_event",
+            "Seconds since the last event was read (-1: none yet)",
+            since_last_event.clone(),
+        );
+        registry.register(
+            "seconds_since_last_confirm",
+            "Seconds since the confirmed position last moved (-1: not yet)",
+            since_last_confirm.clone(),
+        );
+        Self {
+            registry,
+            published,
+            publish_errors,
+            dead_lettered,
+            skipped_replays,
+            transactions,
+            bytes_decoded,
+            reconnects,
+            in_flight,
+            puback_seconds,
+            end_to_end_seconds,
+            slot_lag_bytes,
+            confirmed_lsn,
+            checkpoint_lsn,
+            connected,
+            since_last_event,
+            since_last_confirm,
+            postgres_connected: AtomicBool::new(false),
+            nats_connected: AtomicBool::new(false),
+            lag_exceeded: AtomicBool::new(false),
+            last_event_ms: AtomicU64::new(0),
+            last_confirm_ms: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
     }
-    pub fn dead_lettered(&self) {
-        self.events_dead_lettered.fetch_add(1, Relaxed);
+
+    pub fn published(&self, stream: &str, subject: &str, tenant: &str) {
+        let root = subject.split('.').next().unwrap_or("").to_string();
+        self.published
+            .get_or_create(&PublishedLabels {
+                stream: stream.to_string(),
+                subject_root: root,
+                tenant: tenant.to_string(),
+            })
+            .inc();
     }
+
+    pub fn dead_lettered(&self, kind: &str) {
+        self.dead_lettered
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn publish_error(&self, kind: &str) {
+        self.publish_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn event_read(&self) {
+        self.last_event_ms.store(now_ms(), Relaxed);
+    }
+
+    pub fn confirmed(&self, lsn: u64) {
+        self.confirmed_lsn.set(lsn as i64);
+        self.last_confirm_ms.store(now_ms(), Relaxed);
+    }
+
     pub fn set_connected(&self, pg: bool, nats: bool) {
         self.postgres_connected.store(pg, Relaxed);
         self.nats_connected.store(nats, Relaxed);
+        self.connected
+            .get_or_create(&EndLabels {
+                end: "postgres".into(),
+            })
+            .set(i64::from(pg));
+        self.connected
+            .get_or_create(&EndLabels { end: "nats".into() })
+            .set(i64::from(nats));
     }
+
+    pub fn set_lag_exceeded(&self, exceeded: bool) {
+        self.lag_exceeded.store(exceeded, Relaxed);
+    }
+
+    /// Why the relay is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<String> {
+        if !(self.postgres_connected.load(Relaxed) && self.nats_connected.load(Relaxed)) {
+            return Some(self.last_error().unwrap_or_else(|| "connecting".into()));
+        }
+        if self.lag_exceeded.load(Relaxed) {
+            return Some(format!(
+                "slot lag {} bytes is above monitor.lag_fail_bytes",
+                self.slot_lag_bytes.get()
+            ));
+        }
+        None
+    }
+
     pub fn ready(&self) -> bool {
-        self.postgres_connected.load(Relaxed) && self.nats_connected.load(Relaxed)
+        self.not_ready().is_none()
     }
+
     pub fn set_last_error(&self, e: Option<String>) {
         if let Ok(mut g) = self.last_error.lock() {
             *g = e;
         }
     }
+
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|g| g.clone())
     }
 
-    /// Prometheus text exposition of the counters (the full metric set grows with the
-    /// operations work).
+    /// Prometheus text exposition.
     pub fn render(&self) -> String {
-        let g = |v: &AtomicU64| v.load(Relaxed);
-        let b = |v: &AtomicBool| u8::from(v.load(Relaxed));
-        format!(
-            "# TYPE outbox_relay_events_published_total counter\noutbox_relay_events_published_total {}\n\
-             # TYPE outbox_relay_events_dead_lettered_total counter\noutbox_relay_events_dead_lettered_total {}\n\
-             # TYPE outbox_relay_transactions_total counter\noutbox_relay_transactions_total {}\n\
-             # TYPE outbox_relay_reconnects_total counter\noutbox_relay_reconnects_total {}\n\
-             # TYPE outbox_relay_replays_skipped_total counter\noutbox_relay_replays_skipped_total {}\n\
-             # TYPE outbox_relay_in_flight gauge\noutbox_relay_in_flight {}\n\
-             # TYPE outbox_relay_confirmed_lsn gauge\noutbox_relay_confirmed_lsn {}\n\
-             # TYPE outbox_relay_postgres_connected gauge\noutbox_relay_postgres_connected {}\n\
-             # TYPE outbox_relay_nats_connected gauge\noutbox_relay_nats_connected {}\n",
-            g(&self.events_published),
-            g(&self.events_dead_lettered),
-            g(&self.transactions),
-            g(&self.reconnects),
-            g(&self.skipped_replays),
-            g(&self.in_flight),
-            g(&self.confirmed_lsn),
-            b(&self.postgres_connected),
-            b(&self.nats_connected),
-        )
+        let age = |ms: &AtomicU64| match ms.load(Relaxed) {
+            0 => -1,
+            t => (now_ms().saturating_sub(t) / 1000) as i64,
+        };
+        self.since_last_event.set(age(&self.last_event_ms));
+        self.since_last_confirm.set(age(&self.last_confirm_ms));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let h = Health::new();
+        h.published("OUTBOX", "outbox.order.created", "acme");
+        h.published("OUTBOX", "outbox.order.created", "acme");
+        h.dead_lettered("no_stream");
+        h.set_connected(true, false);
+        let text = h.render();
+        assert!(
+            text.contains(r#"outbox_relay_events_published_total{stream="OUTBOX",subject_root="outbox",tenant="acme"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"outbox_relay_events_dead_lettered_total{kind="no_stream"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"outbox_relay_connected{end="nats"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_seconds_since_last_event -1"),
+            "{text}"
+        );
+        assert!(!h.ready());
+        h.set_connected(true, true);
+        assert!(h.ready());
+        h.set_lag_exceeded(true);
+        assert!(h.not_ready().unwrap().contains("lag"));
     }
 }

@@ -320,7 +320,9 @@ async fn health_endpoints() {
     let (status, body) = http_get(port, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     assert!(
-        body.contains("outbox_relay_events_published_total"),
+        body.contains("outbox_relay_slot_lag_bytes")
+            && body.contains("outbox_relay_reconnects_total 0")
+            && body.contains(r#"outbox_relay_connected{end="nats"} 1"#),
         "{body}"
     );
 }
@@ -514,11 +516,7 @@ async fn null_sink_publishes_and_confirms_nothing() {
     wait_for(
         "500 events through the null sink",
         DEADLINE,
-        || async move {
-            http_get(port, "/metrics")
-                .await
-                .is_some_and(|(_, b)| b.contains("outbox_relay_events_published_total 500"))
-        },
+        || async move { relay_metric(port, "outbox_relay_events_published_total").await == 500.0 },
     )
     .await;
     assert!(relay.terminate().success());

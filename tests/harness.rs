@@ -385,12 +385,34 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     Some((status, body))
+}
+
+/// Sum of every series of metric `name` in a Prometheus text body.
+pub fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The relay's metric `name` (summed over labels), 0 when unreachable.
+pub async fn relay_metric(port: u16, name: &str) -> f64 {
+    http_get(port, "/metrics")
+        .await
+        .map_or(0.0, |(_, b)| metric(&b, name))
 }

@@ -4,6 +4,7 @@
 mod core;
 mod faults;
 mod harness;
+mod ops;
 mod support;
 
 /// Self-tests of the test support code: `cargo test --test main selftest`.

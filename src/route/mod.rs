@@ -37,6 +37,11 @@ pub struct Envelope {
     /// Set when the event cannot be published as routed; the sink sends it to the
     /// dead-letter subject with this reason.
     pub dead_letter: Option<String>,
+    /// The stream that will store it (filled in by the pipeline, for metrics).
+    pub stream: String,
+    /// Commit time of its transaction, µs since the Unix epoch (0 = unknown), for the
+    /// end-to-end latency metric.
+    pub committed_at_us: i64,
 }
 
 /// The default router: a subject template, overridden per row by `destination_topics`.
@@ -107,6 +112,8 @@ impl Router {
             subject,
             payload: ev.payload.clone(),
             dead_letter,
+            stream: String::new(),
+            committed_at_us: 0,
         }
     }
 }

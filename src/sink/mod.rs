@@ -102,13 +102,16 @@ impl Sink {
                 let reason = e.to_string();
                 self.dead_letter(env, &reason).await.map(|()| Some(ticket))
             }
-            Err(e) => Err(publish_error(&e)),
+            Err(e) => Err(publish_error(&self.health, &e)),
         }
     }
 
     fn push(&mut self, ticket: Ticket, env: Envelope, fut: PublishAckFuture) {
+        let sent = std::time::Instant::now();
+        let health = self.health.clone();
         self.acks.push(Box::pin(async move {
             let res = fut.await;
+            health.puback_seconds.observe(sent.elapsed().as_secs_f64());
             (ticket, env, res)
         }));
     }
@@ -121,14 +124,20 @@ impl Sink {
         let (ticket, env, res) = self.acks.next().await?;
         Some(match res {
             Ok(_) => {
-                self.health.published();
+                self.health
+                    .published(&env.stream, &env.subject, crate::app::tenant_of(&env));
+                if env.committed_at_us > 0 {
+                    let now_us = crate::metrics::now_ms() as i64 * 1000;
+                    let secs = (now_us - env.committed_at_us).max(0) as f64 / 1e6;
+                    self.health.end_to_end_seconds.observe(secs);
+                }
                 Ok(ticket)
             }
             Err(e) if is_poison(e.kind()) => {
                 let reason = e.to_string();
                 self.dead_letter(env, &reason).await.map(|()| ticket)
             }
-            Err(e) => Err(publish_error(&e)),
+            Err(e) => Err(publish_error(&self.health, &e)),
         })
     }
 
@@ -168,13 +177,13 @@ impl Sink {
                             .headers(headers),
                     )
                     .await
-                    .map_err(|e| publish_error(&e))?
+                    .map_err(|e| publish_error(&self.health, &e))?
             }
-            Err(e) => return Err(publish_error(&e)),
+            Err(e) => return Err(publish_error(&self.health, &e)),
         };
         match fut.await {
             Ok(_) => {
-                self.health.dead_lettered();
+                self.health.dead_lettered(dead_letter_kind(reason));
                 Ok(())
             }
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Err(Error::transient(format!(
@@ -184,7 +193,7 @@ impl Sink {
                 "create a stream for \"{}.>\" (or add it to [[streams]]); the relay retries the event until it can be stored",
                 self.dlq_prefix
             ))),
-            Err(e) => Err(publish_error(&e)),
+            Err(e) => Err(publish_error(&self.health, &e)),
         }
     }
 }
@@ -196,7 +205,27 @@ fn is_poison(kind: PublishErrorKind) -> bool {
     matches!(kind, PublishErrorKind::MaxPayloadExceeded)
 }
 
-fn publish_error(e: &jetstream::context::PublishError) -> Error {
+/// A bounded label for the dead-letter metric.
+fn dead_letter_kind(reason: &str) -> &'static str {
+    if reason.contains("max_payload") || reason.contains("max payload") {
+        "max_payload"
+    } else if reason.contains("no stream captures") {
+        "no_stream"
+    } else {
+        "routing"
+    }
+}
+
+fn publish_error(health: &Health, e: &jetstream::context::PublishError) -> Error {
+    let kind = match e.kind() {
+        PublishErrorKind::StreamNotFound => "stream_not_found",
+        PublishErrorKind::TimedOut => "timed_out",
+        PublishErrorKind::BrokenPipe => "broken_pipe",
+        PublishErrorKind::MaxAckPending => "max_ack_pending",
+        PublishErrorKind::MaxPayloadExceeded => "max_payload",
+        _ => "other",
+    };
+    health.publish_error(kind);
     Error::transient(format!("jetstream publish: {e}"))
         .hint("check nats-server health and the target stream; the relay replays from the first unacknowledged event")
 }

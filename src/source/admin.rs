@@ -258,6 +258,72 @@ async fn table_exists(client: &impl GenericClient, schema: &str, table: &str) ->
         .get(0))
 }
 
+/// Server settings that matter for this deployment, explained: not errors, but what an
+/// operator should know (`check` prints them, `run` logs them at start).
+pub async fn setting_notes(client: &Client, cfg: &Config) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let setting = |name: &'static str| async move {
+        client
+            .query_opt("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+            .await
+            .map_err(|e| from_pg(&e))
+            .map(|r| r.map(|r| r.get::<_, String>(0)))
+    };
+    // In MB; -1 = unlimited.
+    if let Some(v) = setting("max_slot_wal_keep_size").await? {
+        let mb: i64 = v.parse().unwrap_or(-1);
+        if mb < 0 {
+            notes.push(
+                "max_slot_wal_keep_size is unlimited: while the relay is down or behind, PostgreSQL keeps all WAL for its slot and the disk can fill; set a limit above the longest outage you accept and alert on outbox_relay_slot_lag_bytes"
+                    .to_string(),
+            );
+        } else if (mb as u64) * 1024 * 1024 < cfg.monitor.lag_fail_bytes {
+            notes.push(format!(
+                "max_slot_wal_keep_size ({mb} MB) is below monitor.lag_fail_bytes ({} bytes): the slot can be invalidated (events lost from the stream) before readiness fails; raise it or lower lag_fail_bytes",
+                cfg.monitor.lag_fail_bytes
+            ));
+        }
+    }
+    if setting("wal_sender_timeout").await?.as_deref() == Some("0") {
+        notes.push(
+            "wal_sender_timeout is 0: the connection of a relay that died without closing it keeps the slot busy until TCP notices; a value such as 60s frees it sooner"
+                .to_string(),
+        );
+    }
+    let max_slots: i64 = setting("max_replication_slots")
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let used: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0);
+    if used >= max_slots && slot_info(client, &cfg.postgres.slot).await?.is_none() {
+        notes.push(format!(
+            "all {max_slots} replication slots are in use: the relay cannot create {}; raise max_replication_slots or drop an unused slot",
+            cfg.postgres.slot
+        ));
+    }
+    let orphans = client
+        .query(
+            "SELECT slot_name::text, (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots
+             WHERE slot_name LIKE 'outbox\\_relay%' AND slot_name <> $1 AND NOT active",
+            &[&cfg.postgres.slot],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?;
+    for r in orphans {
+        let name: String = r.get(0);
+        let retained: Option<i64> = r.get(1);
+        notes.push(format!(
+            "slot {name} is inactive and retains {} bytes of WAL: if no relay uses it, SELECT pg_drop_replication_slot('{name}')",
+            retained.unwrap_or(0)
+        ));
+    }
+    Ok(notes)
+}
+
 pub async fn current_database(client: &Client) -> Result<String> {
     Ok(client
         .query_one("SELECT current_database()::text", &[])

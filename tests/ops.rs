@@ -1,0 +1,226 @@
+//! Operations: metrics, readiness and the lag guard, lost slots, heartbeat, retention,
+//! `check` notes.
+
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::support::nats::Nats;
+use crate::support::postgres::Postgres;
+use crate::support::wait_for;
+
+const FAST_MONITOR: &str = "[monitor]\ninterval = \"200ms\"\n";
+
+/// Slot lag is exported and refreshed while idle; latency histograms and labelled
+/// counters are there after traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_lag_latency_and_labels() {
+    let env = Env::start_migrated().await;
+    env.write_config(FAST_MONITOR);
+    let _relay = env.spawn_relay();
+    let c = env.sql().await;
+    c.execute(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, tenant_id, payload) VALUES ('m', 'order', 'acme', '{}')",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_count(&env.js().await, STREAM, 1).await;
+    let port = env.http_port;
+    wait_for("end-to-end latency observed", DEADLINE, || async move {
+        relay_metric(port, "outbox_relay_end_to_end_seconds_count").await >= 1.0
+    })
+    .await;
+    let (_, body) = http_get(port, "/metrics").await.unwrap();
+    for needle in [
+        r#"outbox_relay_events_published_total{stream="OUTBOX",subject_root="outbox",tenant="acme"} 1"#,
+        "outbox_relay_puback_seconds_count 1",
+        "outbox_relay_slot_lag_bytes ",
+        "outbox_relay_decoded_bytes_total ",
+        "outbox_relay_seconds_since_last_event ",
+        r#"outbox_relay_connected{end="postgres"} 1"#,
+    ] {
+        assert!(body.contains(needle), "{needle} missing:\n{body}");
+    }
+}
+
+/// Slot lag over `monitor.lag_fail_bytes` fails readiness, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_guard_fails_readiness() {
+    let env = Env::start_migrated().await;
+    let c = env.sql().await;
+    let lag: i64 = c
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (warn, fail) = (lag + 100_000, lag + 500_000);
+    env.write_config(&format!(
+        "[monitor]\ninterval = \"200ms\"\nlag_warn_bytes = {warn}\nlag_fail_bytes = {fail}\n"
+    ));
+    // The null sink never confirms: the slot falls behind as rows are written.
+    let relay = env.spawn_relay_args(&["--null-sink"]);
+    let port = env.http_port;
+    wait_for("ready", DEADLINE, || async move {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    insert_tx(&c, 10_000, "lag").await;
+    wait_for("readiness to fail on slot lag", DEADLINE, || async move {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(s, b)| s == 503 && b.contains("slot lag"))
+    })
+    .await;
+    assert!(
+        relay.log_text().contains("replication slot lag is high"),
+        "{}",
+        relay.log_text()
+    );
+}
+
+/// A slot invalidated by `max_slot_wal_keep_size` stops the relay with recovery steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidated_slot_is_fatal_with_recovery_steps() {
+    let pg = Postgres::start_with(&[
+        ("max_slot_wal_keep_size", "32MB"),
+        ("wal_keep_size", "0"),
+        ("max_wal_size", "64MB"),
+    ]);
+    let env = Env::start_with(pg, Nats::start()).await;
+    assert!(env.cli(&["migrate"]).status.success());
+    env.write_config(FAST_MONITOR);
+    let mut relay = env.spawn_relay_args(&["--null-sink"]);
+    let port = env.http_port;
+    wait_for("ready", DEADLINE, || async move {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let c = env.sql().await;
+    c.batch_execute("CREATE TABLE filler (v text)")
+        .await
+        .unwrap();
+    wait_for("slot invalidated and relay stopped", DEADLINE, || {
+        let c = &c;
+        let exited = relay.exited();
+        async move {
+            if exited.is_some() {
+                return true;
+            }
+            c.batch_execute(
+                "INSERT INTO filler SELECT repeat(md5(g::text), 30) FROM generate_series(1, 20000) g; CHECKPOINT;",
+            )
+            .await
+            .unwrap();
+            false
+        }
+    })
+    .await;
+    let log = relay.log_text();
+    assert!(log.contains("wal_status = lost"), "{log}");
+    assert!(log.contains("drop the slot"), "{log}");
+}
+
+/// With the heartbeat on, the slot advances while the outbox is idle, and heartbeats
+/// publish nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_advances_the_slot() {
+    let env = Env::start_migrated().await;
+    env.write_config("[monitor]\ninterval = \"200ms\"\nheartbeat_interval = \"200ms\"\n");
+    let _relay = env.spawn_relay();
+    wait_for("slot active", DEADLINE, || async {
+        env.confirmed_flush("outbox_relay").await.is_some()
+    })
+    .await;
+    let start = env.confirmed_flush("outbox_relay").await.unwrap();
+    wait_for(
+        "confirmed_flush_lsn to advance on heartbeats alone",
+        DEADLINE,
+        || async { env.confirmed_flush("outbox_relay").await.unwrap() > start },
+    )
+    .await;
+    let c = env.sql().await;
+    let heartbeats: i64 = c
+        .query_one("SELECT count(*) FROM outbox_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(heartbeats, 0);
+    assert_eq!(stream_count(&env.js().await, STREAM).await, 0);
+}
+
+/// Retention deletes delivered rows older than max_age, in batches, and keeps the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_only_old_delivered_rows() {
+    let env = Env::start_migrated().await;
+    env.write_config(
+        "[retention]\nenabled = true\nmax_age = \"1h\"\ninterval = \"300ms\"\nbatch_size = 7\n",
+    );
+    let _relay = env.spawn_relay();
+    let c = env.sql().await;
+    c.execute(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, payload, created_at)
+         SELECT 'old', 'order', '{}', now() - interval '2 hours' FROM generate_series(1, 30)",
+        &[],
+    )
+    .await
+    .unwrap();
+    insert_tx(&c, 5, "fresh").await;
+    wait_count(&env.js().await, STREAM, 35).await;
+    wait_for("old rows pruned", DEADLINE, || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM outbox_events WHERE event_topic = 'old'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    let fresh: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox_events WHERE event_topic = 'fresh'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fresh, 5);
+}
+
+/// `check` explains the server settings that matter (unlimited WAL retention here) and
+/// orphaned relay slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_explains_settings_and_orphaned_slots() {
+    let env = Env::start_migrated().await;
+    env.sql()
+        .await
+        .execute(
+            "SELECT pg_create_logical_replication_slot('outbox_relay_old', 'pgoutput')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = env.cli(&["check"]);
+    assert!(out.status.success(), "{}", out.text());
+    assert!(
+        out.stdout
+            .contains("note: max_slot_wal_keep_size is unlimited"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("slot outbox_relay_old is inactive"),
+        "{}",
+        out.stdout
+    );
+    let _ = Duration::ZERO;
+}
