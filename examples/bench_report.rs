@@ -4,7 +4,9 @@
 //! min and max, the goal of issue 7 and whether the median meets it.
 //!
 //! A repetition whose exactly-once check failed scores zero throughput: a fast wrong
-//! relay does not count.
+//! relay does not count. Measurements that overlapped other builds or tests on the
+//! machine (`"disturbed": true`, after `bench/run` gave up repeating them) are counted
+//! and reported under the table.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -112,7 +114,16 @@ fn main() -> Result<(), Box<dyn Error>> {
             "verdict": verdict,
         }));
     }
-    let doc = json!({ "meta": meta, "rows": out_rows, "raw": raw });
+    let disturbed = raw.iter().filter(|v| v["disturbed"] == true).count();
+    if disturbed > 0 {
+        println!();
+        println!(
+            "Note: {disturbed} measurement(s) overlapped other builds or tests on the machine \
+             (marked \"disturbed\" in the JSON) and are included."
+        );
+    }
+    let doc =
+        json!({ "meta": meta, "disturbed_measurements": disturbed, "rows": out_rows, "raw": raw });
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)? + "\n")?;
     Ok(())
 }

@@ -93,6 +93,9 @@ pub struct Status {
     pub origin: String,
     /// Position persisted in the checkpoint bucket.
     pub checkpoint: Option<String>,
+    /// What the running relay's `/readyz` says (`http.listen`): "ready", or why not,
+    /// which carries its last error. `None` when it does not answer.
+    pub relay: Option<String>,
     pub streams: Vec<StreamStatus>,
     pub errors: Vec<String>,
 }
@@ -119,6 +122,7 @@ pub async fn status(cfg: &Config) -> Result<Status> {
         nats: cfg.nats.url.redacted(),
         origin: crate::app::origin(cfg)?,
         checkpoint: None,
+        relay: relay_readiness(&cfg.http.listen).await,
         streams: Vec::new(),
         errors: Vec::new(),
     };
@@ -183,6 +187,29 @@ pub async fn status(cfg: &Config) -> Result<Status> {
     Ok(st)
 }
 
+/// `GET /readyz` of a relay listening on `listen` (plain HTTP/1.0, bounded by a
+/// timeout): its readiness line, or `None`.
+async fn relay_readiness(listen: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if listen.is_empty() {
+        return None;
+    }
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(listen).await.ok()?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: relay\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.ok()?;
+        buf.split_once("\r\n\r\n")
+            .map(|(_, body)| body.trim().to_string())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), fetch)
+        .await
+        .ok()
+        .flatten()
+}
+
 pub fn print_status(st: &Status) {
     println!("postgres     {}", st.postgres);
     println!("nats         {}", st.nats);
@@ -198,15 +225,22 @@ pub fn print_status(st: &Status) {
                 }
             );
             println!(
-                "confirmed    {}   current {}   lag {} bytes   wal_status {}",
+                "confirmed    {}   current {}   lag {} bytes, {} s   wal_status {}",
                 s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
                 s.current_lsn.as_deref().unwrap_or("-"),
                 s.lag_bytes.map_or("-".into(), |l| l.to_string()),
+                s.lag_seconds.map_or("0".into(), |l| format!("{l:.3}")),
                 s.wal_status.as_deref().unwrap_or("-")
             );
         }
         None => println!("slot         {} (missing: `run` creates it)", st.slot),
     }
+    println!(
+        "relay        {}",
+        st.relay
+            .as_deref()
+            .unwrap_or("not answering on http.listen")
+    );
     println!(
         "checkpoint   {} (origin {})",
         st.checkpoint.as_deref().unwrap_or("none"),

@@ -480,10 +480,16 @@ async fn status_reports_slot_and_streams() {
     let mut relay = env.spawn_relay();
     insert_tx(&env.sql().await, 4, "st").await;
     wait_count(&env.js().await, STREAM, 4).await;
+    let live = env.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&live.stdout).unwrap();
+    assert_eq!(v["relay"], "ready", "{}", live.stdout);
+    assert!(v["slot_info"]["active_pid"].is_i64());
+    assert!(v["slot_info"].get("lag_seconds").is_some());
     assert!(relay.terminate().success());
     let out = env.cli(&["status", "--json"]);
     assert!(out.status.success(), "{}", out.text());
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(v["relay"].is_null(), "stopped relay does not answer");
     assert_eq!(v["slot"], "outbox_relay");
     assert_eq!(v["slot_exists"], true);
     assert!(v["slot_info"]["lag_bytes"].is_i64());

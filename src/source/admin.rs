@@ -341,14 +341,19 @@ pub struct SlotInfo {
     pub wal_status: Option<String>,
     pub lag_bytes: Option<i64>,
     pub current_lsn: Option<String>,
+    /// `pg_stat_replication.flush_lag` of the streaming connection, in seconds: how
+    /// long ago the confirmed position was current (NULL when caught up or idle).
+    pub lag_seconds: Option<f64>,
 }
 
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status::text,
-                    (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, pg_current_wal_lsn()::text
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT s.plugin::text, s.database::text, s.active_pid, s.confirmed_flush_lsn::text, s.wal_status::text,
+                    (pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint, pg_current_wal_lsn()::text,
+                    extract(epoch FROM r.flush_lag)::float8
+             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+             WHERE s.slot_name = $1",
             &[&slot],
         )
         .await
@@ -361,6 +366,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>> 
         wal_status: r.get(4),
         lag_bytes: r.get(5),
         current_lsn: r.get(6),
+        lag_seconds: r.get(7),
     }))
 }
 
