@@ -78,9 +78,26 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
 
     let mut rows: Vec<Row> = Vec::new();
-    catch_up(&raw, "A", "A. catch-up", &mut rows);
+    let rows_of = |w: &str| {
+        raw.iter()
+            .find(|v| v["workload"] == w && v["phase"] == "load")
+            .and_then(|v| v["data"]["rows"].as_f64())
+            .map(|n| thousands(n as i64))
+            .unwrap_or_else(|| "?".into())
+    };
+    catch_up(
+        &raw,
+        "A",
+        &format!("A. catch-up {} rows", rows_of("A")),
+        &mut rows,
+    );
     live(&raw, &mut rows);
-    catch_up(&raw, "C", "C. 1,000,000-row tx", &mut rows);
+    catch_up(
+        &raw,
+        "C",
+        &format!("C. one {}-row tx", rows_of("C")),
+        &mut rows,
+    );
 
     println!("| workload | metric | median | min – max | goal | verdict |");
     println!("|---|---|---:|---:|---|---|");
