@@ -17,7 +17,8 @@
 //! below its stream's mark is already stored: it is skipped, whatever the dedup window.
 //!
 //! Architecture invariant: messages of one source reach one stream in position order
-//! (the pipeline never reorders within a stream), so "at or below the last stored
+//! (the pipeline never reorders within a stream, and a NATS connection never resumes
+//! after a disconnect: see [`crate::sink::connect`]), so "at or below the last stored
 //! position" means "stored".
 
 use std::collections::HashMap;

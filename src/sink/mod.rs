@@ -33,21 +33,69 @@ pub struct Sink {
     health: Arc<Health>,
 }
 
-/// Connect to NATS. Initial connect failures are transient (NATS may be starting);
-/// afterwards the client reconnects by itself and pending acks time out.
+/// Connect to NATS. Initial connect failures are transient (NATS may be starting).
+///
+/// Architecture invariant: a connection never outlives its first disconnect. async-nats
+/// would reconnect by itself and then write the publishes still queued in the client,
+/// while the ones that were in the dead socket are lost: the stream would store event
+/// N+1 without event N (a gap), and the replay of N would land after N+1. So a
+/// reconnect is refused (the auth callback fails on every connect after the first and
+/// `max_reconnects(1)` then closes the client, dropping its queue), every pending
+/// PubAck fails, the session ends, and the next session replays in order over a new
+/// connection from the first unacknowledged event.
 pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name("outbox-relay")
-        .connection_timeout(std::time::Duration::from_secs(5))
-        .connect(cfg.nats.url.expose())
-        .await
-        .map_err(|e| {
-            Error::transient(format!(
-                "connect to nats at {}: {e}",
-                cfg.nats.url.redacted()
-            ))
-            .hint("check that nats-server is running with -js and reachable at nats.url")
-        })
+    let url = cfg.nats.url.expose();
+    let auth = url_auth(url);
+    let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    async_nats::ConnectOptions::with_auth_callback(move |_nonce| {
+        let first = !used.swap(true, std::sync::atomic::Ordering::SeqCst);
+        let auth = auth.clone();
+        async move {
+            if first {
+                Ok(auth)
+            } else {
+                Err(async_nats::AuthError::new(
+                    "this connection was lost; the relay opens a new session instead of reconnecting",
+                ))
+            }
+        }
+    })
+    .max_reconnects(1)
+    .name("outbox-relay")
+    .connection_timeout(std::time::Duration::from_secs(5))
+    .connect(url)
+    .await
+    .map_err(|e| {
+        Error::transient(format!(
+            "connect to nats at {}: {e}",
+            cfg.nats.url.redacted()
+        ))
+        .hint("check that nats-server is running with -js and reachable at nats.url")
+    })
+}
+
+/// Credentials in the URL (`nats://user:pass@host`, or `nats://token@host`), which
+/// async-nats does not read from the address itself.
+fn url_auth(url: &str) -> async_nats::Auth {
+    let mut auth = async_nats::Auth::new();
+    let Ok(u) = url::Url::parse(url) else {
+        return auth;
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(u.username());
+    match u.password() {
+        Some(pass) if !user.is_empty() => {
+            auth.username = Some(user);
+            auth.password = Some(decode(pass));
+        }
+        _ if !user.is_empty() => auth.token = Some(user),
+        _ => {}
+    }
+    auth
 }
 
 pub fn jetstream(client: async_nats::Client, cfg: &Config) -> jetstream::Context {
@@ -228,4 +276,22 @@ fn publish_error(health: &Health, e: &jetstream::context::PublishError) -> Error
     health.publish_error(kind);
     Error::transient(format!("jetstream publish: {e}"))
         .hint("check nats-server health and the target stream; the relay replays from the first unacknowledged event")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_auth;
+
+    #[test]
+    fn url_credentials_become_auth() {
+        let a = url_auth("nats://relay:p%40ss@127.0.0.1:4222");
+        assert_eq!(a.username.as_deref(), Some("relay"));
+        assert_eq!(a.password.as_deref(), Some("p@ss"));
+        assert!(a.token.is_none());
+        let t = url_auth("nats://s3cr3t@127.0.0.1:4222");
+        assert_eq!(t.token.as_deref(), Some("s3cr3t"));
+        assert!(t.username.is_none());
+        let none = url_auth("nats://127.0.0.1:4222");
+        assert!(none.username.is_none() && none.token.is_none());
+    }
 }
