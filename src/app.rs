@@ -50,6 +50,9 @@ pub async fn run(
     let mut last_error: Option<String> = None;
     let mut slot_busy_since: Option<Instant> = None;
     let delivered = Arc::new(Delivered::default());
+    // One watch for the whole process, not per session: slot lag must keep moving in
+    // `/metrics` and the lag guard must keep judging while NATS or PostgreSQL is down.
+    let mut monitor = Monitor::spawn(cfg.clone(), health.clone(), delivered.clone());
     let mut started_once = false;
     loop {
         let started = Instant::now();
@@ -58,6 +61,7 @@ pub async fn run(
             notes_logged: started_once,
             commits: Default::default(),
             delivered: delivered.clone(),
+            monitor: &mut monitor,
             cfg: &cfg,
             router: &router,
             health: health.clone(),
@@ -104,6 +108,7 @@ pub async fn run(
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.wait_for(|s| *s) => return Ok(()),
+                    e = monitor.fatal() => return Err(e),
                 }
             }
         }
@@ -136,6 +141,7 @@ struct Session<'a> {
     /// must not prune rows of undelivered transactions).
     commits: std::collections::VecDeque<(u64, i64)>,
     delivered: Arc<Delivered>,
+    monitor: &'a mut Monitor,
     cfg: &'a Config,
     router: &'a Router,
     health: Arc<Health>,
@@ -206,6 +212,7 @@ impl Session<'_> {
         }
         let nats = sink::connect(cfg).await?;
         let max_payload = nats.server_info().max_payload;
+        let nats_client = nats.clone();
         let js = sink::jetstream(nats, cfg);
         sink::streams::ensure(&js, cfg).await?;
         let replicas = cfg.streams.iter().map(|s| s.replicas).max().unwrap_or(1);
@@ -257,21 +264,32 @@ impl Session<'_> {
         };
         let max_in_flight = cfg.nats.max_in_flight;
         let mut shutdown = self.shutdown.clone();
-        let mut monitor = Monitor::spawn(cfg.clone(), self.health.clone(), self.delivered.clone());
         let mut save_timer = tokio::time::interval(cfg.checkpoint.interval);
         save_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // An idle session publishes nothing, so a lost NATS connection (which never
+        // comes back: see `sink::connect`) would go unnoticed without a look.
+        let mut liveness = tokio::time::interval(Duration::from_secs(1));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let outcome: Result<()> = loop {
             let can_read = st.tracker.in_flight() < max_in_flight;
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
-                e = monitor.fatal() => break Err(e),
+                e = self.monitor.fatal() => break Err(e),
                 ack = sink.next_ack(), if sink.in_flight() > 0 => {
                     match ack {
                         Some(Ok(ticket)) => st.tracker.ack(ticket),
                         Some(Err(e)) => break Err(e),
                         None => {}
+                    }
+                }
+                _ = liveness.tick() => {
+                    if nats_client.connection_state() != async_nats::connection::State::Connected {
+                        break Err(Error::transient(format!(
+                            "lost the connection to nats at {}", cfg.nats.url.redacted()
+                        ))
+                        .hint("check that nats-server is running and reachable at nats.url; the relay reconnects with backoff"));
                     }
                 }
                 _ = save_timer.tick() => {

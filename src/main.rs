@@ -49,7 +49,11 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     init_tracing(&cfg, matches!(args.command, Command::Run { .. }));
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the relay is one loop plus a few small tasks, and cross-thread
+    // hand-offs cost more than a second worker gives (measured: -36% CPU per event,
+    // context switches per event 9.1 -> 2.2; docs/benchmarks.md). nats-server and
+    // PostgreSQL want the other cores.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -202,6 +202,12 @@ impl Health {
     }
 
     pub fn published(&self, stream: &str, subject: &str, tenant: &str) {
+        self.published_counter(stream, subject, tenant).inc();
+    }
+
+    /// The counter behind [`Health::published`], to keep on the hot path (a lookup
+    /// allocates three label strings and hashes them).
+    pub fn published_counter(&self, stream: &str, subject: &str, tenant: &str) -> Counter {
         let root = subject.split('.').next().unwrap_or("").to_string();
         self.published
             .get_or_create(&PublishedLabels {
@@ -209,7 +215,7 @@ impl Health {
                 subject_root: root,
                 tenant: tenant.to_string(),
             })
-            .inc();
+            .clone()
     }
 
     pub fn dead_lettered(&self, kind: &str) {

@@ -1,4 +1,4 @@
-//! The SQL-side watch, beside the streaming session: slot lag on a timer (also when
+//! The SQL-side watch, beside the streaming sessions and between them: slot lag on a timer (also when
 //! idle), the lag guard, detection of an invalidated slot, the optional heartbeat and
 //! optional retention.
 //!
@@ -25,7 +25,7 @@ pub struct Delivered {
     pub committed_at_us: AtomicI64,
 }
 
-/// Runs until the session ends (the task is aborted on drop of the handle).
+/// Runs as long as the relay, across sessions (the task is aborted on drop of the handle).
 pub struct Monitor {
     task: tokio::task::JoinHandle<()>,
     fatal: watch::Receiver<Option<Error>>,

@@ -224,3 +224,44 @@ async fn check_explains_settings_and_orphaned_slots() {
     );
     let _ = Duration::ZERO;
 }
+
+/// NATS down: `/readyz` turns unready with the reason, the slot lag in `/metrics` keeps
+/// rising as rows are written (the watch runs between sessions too); NATS back: ready
+/// again and every row delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_lag_follow_a_nats_outage() {
+    let mut env = Env::start_migrated().await;
+    env.write_config(FAST_MONITOR);
+    let _relay = env.spawn_relay();
+    let port = env.http_port;
+    let c = env.sql().await;
+    insert_tx(&c, 1, "before").await;
+    wait_count(&env.js().await, STREAM, 1).await;
+    wait_for("ready", DEADLINE, || async move {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    env.nats.stop();
+    wait_for("unready while NATS is down", DEADLINE, || async move {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(s, b)| s == 503 && b.contains("nats"))
+    })
+    .await;
+    let before = relay_metric(port, "outbox_relay_slot_lag_bytes").await;
+    insert_tx(&c, 5_000, "during").await;
+    wait_for("slot lag to rise while NATS is down", DEADLINE, || async move {
+        relay_metric(port, "outbox_relay_slot_lag_bytes").await > before + 100_000.0
+    })
+    .await;
+    env.nats.start_again();
+    wait_for("ready again", DEADLINE, || async move {
+        http_get(port, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    wait_count(&env.js().await, STREAM, 5_001).await;
+}
