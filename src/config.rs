@@ -583,8 +583,10 @@ fn check_ident(key: &str, v: &str) -> Result<()> {
     }
 }
 
+/// Names are substituted into the migrations' SQL (quoted identifiers and string
+/// literals inside a `DO $$` block), so quotes and `$` are refused outright.
 fn check_sql_name(key: &str, v: &str) -> Result<()> {
-    if v.is_empty() || v.len() > 63 || v.contains(['"', '\0']) {
+    if v.is_empty() || v.len() > 63 || v.contains(['"', '\0', '\'', '$']) {
         return Err(bad_key(
             key,
             format!("invalid name {v:?}"),
@@ -829,6 +831,14 @@ listen = "127.0.0.1:9187"
                 .message
                 .contains("postgres.slot")
         );
+        for bad in ["public.it's", "public.a$$b", "x\"y.z"] {
+            let mut cfg = Config::default();
+            cfg.outbox.table = bad.into();
+            assert!(
+                cfg.validate().unwrap_err().message.contains("outbox.table"),
+                "{bad}"
+            );
+        }
         let mut cfg = Config::default();
         cfg.http.listen = "nowhere".into();
         assert!(cfg.validate().unwrap_err().message.contains("http.listen"));

@@ -305,18 +305,8 @@ async fn health_endpoints() {
     let env = Env::start_migrated().await;
     let _relay = env.spawn_relay();
     let port = env.http_port;
-    wait_for("/healthz", DEADLINE, || async move {
-        http_get(port, "/healthz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-    })
-    .await;
-    wait_for("/readyz ready", DEADLINE, || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    wait_http(port, "/healthz", 200, "").await;
+    wait_http(port, "/readyz", 200, "").await;
     let (status, body) = http_get(port, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     assert!(

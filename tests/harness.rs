@@ -379,6 +379,20 @@ pub async fn insert_tx(c: &tokio_postgres::Client, n: i64, topic: &str) -> Vec<S
     .collect()
 }
 
+/// Wait until `GET path` answers `status` with a body containing `needle`.
+pub async fn wait_http(port: u16, path: &str, status: u16, needle: &str) {
+    wait_for(
+        &format!("GET {path} -> {status} with {needle:?}"),
+        DEADLINE,
+        || async move {
+            http_get(port, path)
+                .await
+                .is_some_and(|(s, b)| s == status && b.contains(needle))
+        },
+    )
+    .await;
+}
+
 /// Fetch `GET path` from the relay's HTTP port; (status, body).
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

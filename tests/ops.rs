@@ -63,19 +63,9 @@ async fn lag_guard_fails_readiness() {
     // The null sink never confirms: the slot falls behind as rows are written.
     let relay = env.spawn_relay_args(&["--null-sink"]);
     let port = env.http_port;
-    wait_for("ready", DEADLINE, || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    wait_http(port, "/readyz", 200, "").await;
     insert_tx(&c, 10_000, "lag").await;
-    wait_for("readiness to fail on slot lag", DEADLINE, || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, b)| s == 503 && b.contains("slot lag"))
-    })
-    .await;
+    wait_http(port, "/readyz", 503, "slot lag").await;
     assert!(
         relay.log_text().contains("replication slot lag is high"),
         "{}",
@@ -96,12 +86,7 @@ async fn invalidated_slot_is_fatal_with_recovery_steps() {
     env.write_config(FAST_MONITOR);
     let mut relay = env.spawn_relay_args(&["--null-sink"]);
     let port = env.http_port;
-    wait_for("ready", DEADLINE, || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    wait_http(port, "/readyz", 200, "").await;
     let c = env.sql().await;
     c.batch_execute("CREATE TABLE filler (v text)")
         .await
@@ -237,19 +222,9 @@ async fn readiness_and_lag_follow_a_nats_outage() {
     let c = env.sql().await;
     insert_tx(&c, 1, "before").await;
     wait_count(&env.js().await, STREAM, 1).await;
-    wait_for("ready", DEADLINE, || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    wait_http(port, "/readyz", 200, "").await;
     env.nats.stop();
-    wait_for("unready while NATS is down", DEADLINE, || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, b)| s == 503 && b.contains("nats"))
-    })
-    .await;
+    wait_http(port, "/readyz", 503, "nats").await;
     let before = relay_metric(port, "outbox_relay_slot_lag_bytes").await;
     insert_tx(&c, 5_000, "during").await;
     wait_for("slot lag to rise while NATS is down", DEADLINE, || async move {
@@ -257,11 +232,6 @@ async fn readiness_and_lag_follow_a_nats_outage() {
     })
     .await;
     env.nats.start_again();
-    wait_for("ready again", DEADLINE, || async move {
-        http_get(port, "/readyz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    wait_http(port, "/readyz", 200, "").await;
     wait_count(&env.js().await, STREAM, 5_001).await;
 }

@@ -32,6 +32,7 @@ type AckResult = std::result::Result<PublishAck, jetstream::context::PublishErro
 /// a dead letter after a failed ack is rebuilt from this.
 struct Sent {
     ticket: Ticket,
+    pos: crate::route::Position,
     subject: String,
     payload: Bytes,
     msg_id: Option<HeaderValue>,
@@ -47,6 +48,8 @@ pub struct Sink {
     /// The published-events counter of the last (stream, subject root, tenant): most
     /// consecutive messages share it, and the label lookup allocates.
     last_counter: Option<(String, String, String, Counter)>,
+    /// `Outbox-Origin` (the same on every message), for rebuilt dead letters.
+    origin: Option<HeaderValue>,
 }
 
 /// Connect to NATS. Initial connect failures are transient (NATS may be starting).
@@ -131,6 +134,7 @@ impl Sink {
             acks: FuturesUnordered::new(),
             health,
             last_counter: None,
+            origin: None,
         }
     }
 
@@ -151,6 +155,9 @@ impl Sink {
         }
         let headers = std::mem::take(&mut env.headers);
         let msg_id = headers.get(headers::MSG_ID).cloned();
+        if self.origin.is_none() {
+            self.origin = headers.get(headers::ORIGIN).cloned();
+        }
         let counter = self.counter_for(&env, &headers);
         let sent = self
             .js
@@ -163,6 +170,7 @@ impl Sink {
             .await;
         let sent_meta = Sent {
             ticket,
+            pos: env.pos,
             subject: env.subject,
             payload: env.payload,
             msg_id,
@@ -244,14 +252,24 @@ impl Sink {
     }
 
     /// Dead letter for a message whose headers already went out with the failed
-    /// publish: it keeps its `Nats-Msg-Id` (so a replayed dead letter is deduplicated).
+    /// publish: it keeps its `Nats-Msg-Id` (a replayed dead letter is deduplicated) and
+    /// its position headers (reconciliation finds it in the dead-letter stream).
     async fn dead_letter_sent(&mut self, sent: Sent, reason: &str) -> Result<()> {
         let mut headers = async_nats::HeaderMap::new();
         if let Some(id) = sent.msg_id {
             headers.insert(HeaderName::from_static(headers::MSG_ID), id);
         }
+        if let Some(origin) = self.origin.clone() {
+            headers.insert(HeaderName::from_static(headers::ORIGIN), origin);
+        }
+        if let Ok(v) = HeaderValue::from_str(&crate::route::format_lsn(sent.pos.commit_lsn)) {
+            headers.insert(HeaderName::from_static(headers::COMMIT_LSN), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&sent.pos.index.to_string()) {
+            headers.insert(HeaderName::from_static(headers::TX_INDEX), v);
+        }
         let env = Envelope {
-            pos: Default::default(),
+            pos: sent.pos,
             subject: sent.subject,
             headers,
             payload: sent.payload,
