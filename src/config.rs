@@ -54,6 +54,10 @@ pub struct MonitorConfig {
     /// on a database whose other tables are busy while the outbox is idle. `"0s"`: off.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// `/readyz` fails as stalled when, for this long, nothing was read, published or
+    /// confirmed while the slot lags by at least 1 MiB. `"0s"`: never.
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
 }
 
 impl Default for MonitorConfig {
@@ -63,6 +67,7 @@ impl Default for MonitorConfig {
             lag_warn_bytes: 1 << 30,
             lag_fail_bytes: 4 << 30,
             heartbeat_interval: Duration::ZERO,
+            stall_after: Duration::from_secs(300),
         }
     }
 }

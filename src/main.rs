@@ -110,6 +110,7 @@ async fn run(cfg: Config, opts: app::RunOptions) -> ExitCode {
         let _ = stop_tx.send(true);
     });
     let health = Arc::new(Health::default());
+    health.set_stall_after(cfg.monitor.stall_after);
     let http_task = if cfg.http.listen.is_empty() {
         None
     } else {

@@ -59,8 +59,16 @@ pub struct Health {
     lag_exceeded: AtomicBool,
     last_event_ms: AtomicU64,
     last_confirm_ms: AtomicU64,
+    last_ack_ms: AtomicU64,
+    /// When both ends were last connected: the stall clock starts there.
+    connected_ms: AtomicU64,
+    /// `monitor.stall_after` in ms; 0 = never stalled.
+    stall_after_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
+
+/// Slot lag below this never counts as a stall (an idle database lags a little).
+const STALL_MIN_LAG_BYTES: i64 = 1 << 20;
 
 impl Default for Health {
     fn default() -> Self {
@@ -197,6 +205,9 @@ impl Health {
             lag_exceeded: AtomicBool::new(false),
             last_event_ms: AtomicU64::new(0),
             last_confirm_ms: AtomicU64::new(0),
+            last_ack_ms: AtomicU64::new(0),
+            connected_ms: AtomicU64::new(0),
+            stall_after_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
     }
@@ -238,12 +249,51 @@ impl Health {
         self.last_event_ms.store(now_ms(), Relaxed);
     }
 
+    /// A PubAck arrived at `now_ms`.
+    pub fn acked(&self, now_ms: u64) {
+        self.last_ack_ms.store(now_ms, Relaxed);
+    }
+
+    pub fn set_stall_after(&self, d: std::time::Duration) {
+        self.stall_after_ms.store(d.as_millis() as u64, Relaxed);
+    }
+
+    /// Why the pipeline counts as stalled, if it does: connected, the slot behind, and
+    /// for `stall_after` nothing read, acknowledged or confirmed.
+    pub fn stalled(&self) -> Option<String> {
+        let after = self.stall_after_ms.load(Relaxed);
+        let lag = self.slot_lag_bytes.get();
+        if after == 0 || lag < STALL_MIN_LAG_BYTES {
+            return None;
+        }
+        let progress = [
+            &self.last_event_ms,
+            &self.last_ack_ms,
+            &self.last_confirm_ms,
+            &self.connected_ms,
+        ]
+        .iter()
+        .map(|a| a.load(Relaxed))
+        .max()
+        .unwrap_or(0);
+        let idle = now_ms().saturating_sub(progress);
+        (idle > after).then(|| {
+            format!(
+                "stalled: nothing read, published or confirmed for {} s while the slot lags by {lag} bytes",
+                idle / 1000
+            )
+        })
+    }
+
     pub fn confirmed(&self, lsn: u64) {
         self.confirmed_lsn.set(lsn as i64);
         self.last_confirm_ms.store(now_ms(), Relaxed);
     }
 
     pub fn set_connected(&self, pg: bool, nats: bool) {
+        if pg && nats {
+            self.connected_ms.store(now_ms(), Relaxed);
+        }
         self.postgres_connected.store(pg, Relaxed);
         self.nats_connected.store(nats, Relaxed);
         self.connected
@@ -271,7 +321,7 @@ impl Health {
                 self.slot_lag_bytes.get()
             ));
         }
-        None
+        self.stalled()
     }
 
     pub fn ready(&self) -> bool {
@@ -307,6 +357,24 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stall_needs_lag_and_no_progress() {
+        let h = Health::new();
+        h.set_stall_after(std::time::Duration::from_millis(1));
+        h.slot_lag_bytes.set(2 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(h.stalled().is_some_and(|w| w.contains("stalled")));
+        assert!(h.not_ready().is_some());
+        h.event_read();
+        assert!(h.stalled().is_none(), "progress just now");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        h.slot_lag_bytes.set(1000);
+        assert!(h.stalled().is_none(), "a small lag is never a stall");
+        h.slot_lag_bytes.set(2 << 20);
+        h.set_stall_after(std::time::Duration::ZERO);
+        assert!(h.stalled().is_none(), "disabled");
+    }
 
     #[test]
     fn renders_counters_with_labels() {

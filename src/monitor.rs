@@ -74,6 +74,7 @@ async fn watch_loop(
     });
     let mut retention = tokio::time::interval(cfg.retention.interval.max(Duration::from_secs(1)));
     let mut warned = false;
+    let mut stalled = false;
     loop {
         enum Due {
             Lag,
@@ -96,7 +97,11 @@ async fn watch_loop(
         }
         let Some(c) = client.as_ref() else { continue };
         let result = match due {
-            Due::Lag => check_slot(c, &cfg, &health, &mut warned).await,
+            Due::Lag => {
+                let r = check_slot(c, &cfg, &health, &mut warned).await;
+                log_stall_changes(&health, &mut stalled);
+                r
+            }
             Due::Heartbeat => heartbeat_write(c).await,
             Due::Retention => prune(c, &cfg, &delivered).await,
         };
@@ -113,6 +118,23 @@ async fn watch_loop(
                 return;
             }
         }
+    }
+}
+
+/// A stall is logged when it starts and when it ends, not on every tick.
+fn log_stall_changes(health: &Health, stalled: &mut bool) {
+    match (health.stalled(), *stalled) {
+        (Some(why), false) => {
+            tracing::warn!(
+                "{why}; check the relay's connections (pg_stat_replication, nats-server) or a very large transaction being decoded"
+            );
+            *stalled = true;
+        }
+        (None, true) => {
+            tracing::info!("moving again after a stall");
+            *stalled = false;
+        }
+        _ => {}
     }
 }
 

@@ -235,3 +235,50 @@ async fn readiness_and_lag_follow_a_nats_outage() {
     wait_http(port, "/readyz", 200, "").await;
     wait_count(&env.js().await, STREAM, 5_001).await;
 }
+
+/// A silent stall (the walsender frozen with SIGSTOP while rows pile up): `/readyz`
+/// says "stalled" and the log says so once; after SIGCONT it is ready again and every
+/// row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_stall_fails_readiness() {
+    let env = Env::start_migrated().await;
+    env.write_config("[monitor]\ninterval = \"200ms\"\nstall_after = \"2s\"\n");
+    let relay = env.spawn_relay();
+    let port = env.http_port;
+    let c = env.sql().await;
+    insert_tx(&c, 1, "before").await;
+    wait_count(&env.js().await, STREAM, 1).await;
+    wait_http(port, "/readyz", 200, "").await;
+    let pid: i32 = c
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    insert_tx(&c, 20_000, "during").await;
+    wait_http(port, "/readyz", 503, "stalled").await;
+    let r = &relay;
+    wait_for("the stall logged", DEADLINE, || async move {
+        r.log_text().contains("stalled: nothing read")
+    })
+    .await;
+    signal("-CONT");
+    wait_count(&env.js().await, STREAM, 20_001).await;
+    wait_http(port, "/readyz", 200, "").await;
+    wait_for("the end of the stall logged", DEADLINE, || async move {
+        r.log_text().contains("moving again after a stall")
+    })
+    .await;
+    let log = relay.log_text();
+    assert_eq!(log.matches("stalled: nothing read").count(), 1, "{log}");
+}

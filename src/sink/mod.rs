@@ -235,8 +235,10 @@ impl Sink {
         Some(match res {
             Ok(_) => {
                 sent.counter.inc();
+                let now_ms = crate::metrics::now_ms();
+                self.health.acked(now_ms);
                 if sent.committed_at_us > 0 {
-                    let now_us = crate::metrics::now_ms() as i64 * 1000;
+                    let now_us = now_ms as i64 * 1000;
                     let secs = (now_us - sent.committed_at_us).max(0) as f64 / 1e6;
                     self.health.end_to_end_seconds.observe(secs);
                 }
