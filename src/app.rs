@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::checkpoint::{Checkpoint, Reconciler};
 use crate::config::Config;
@@ -157,6 +158,9 @@ struct State {
     tx: Option<OpenTx>,
     max_payload: usize,
     index: StreamIndex,
+    /// Logged once per session, when the backlog it started with is delivered (not
+    /// after every later event: one line per state change, not per event).
+    caught_up: bool,
 }
 
 /// Payload plus a generous allowance for headers: NATS counts both against max_payload.
@@ -186,6 +190,8 @@ struct OpenTx {
     commit_lsn: u64,
     index: u32,
     committed_at_us: i64,
+    /// Every log line made while handling the transaction carries its commit LSN.
+    span: tracing::Span,
 }
 
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
@@ -261,6 +267,7 @@ impl Session<'_> {
             tx: None,
             max_payload,
             index: StreamIndex::load(&js).await?,
+            caught_up: false,
         };
         let max_in_flight = cfg.nats.max_in_flight;
         let mut shutdown = self.shutdown.clone();
@@ -421,6 +428,7 @@ impl Session<'_> {
                     commit_lsn: final_lsn.as_u64(),
                     index: 0,
                     committed_at_us: commit_time_micros.saturating_add(PG_EPOCH_UNIX_US),
+                    span: tracing::info_span!("tx", commit_lsn = %final_lsn),
                 });
             }
             Event::Commit { end_lsn, .. } => {
@@ -437,11 +445,20 @@ impl Session<'_> {
                 // delivered, so an idle outbox never pins WAL.
                 if st.tx.is_none() && st.tracker.is_idle() {
                     self.confirm(stream, wal_end.as_u64());
+                    if !st.caught_up {
+                        st.caught_up = true;
+                        tracing::info!(confirmed = %crate::route::format_lsn(*self.confirmed), "caught up: everything read is delivered");
+                    }
                 }
             }
             Event::XLogData { data, .. } => {
                 self.health.bytes_decoded.inc_by(data.len() as u64);
+                let span = st
+                    .tx
+                    .as_ref()
+                    .map_or_else(tracing::Span::none, |t| t.span.clone());
                 self.handle_message(decode::parse(&data), st, reconciler, sink)
+                    .instrument(span)
                     .await?;
             }
             Event::Message { .. } | Event::StoppedAt { .. } => {}

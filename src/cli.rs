@@ -96,6 +96,9 @@ pub struct Status {
     /// What the running relay's `/readyz` says (`http.listen`): "ready", or why not,
     /// which carries its last error. `None` when it does not answer.
     pub relay: Option<String>,
+    /// The running relay's last error, even if it recovered since, with its age
+    /// (`/status` on `http.listen`).
+    pub last_error: Option<String>,
     pub streams: Vec<StreamStatus>,
     pub errors: Vec<String>,
 }
@@ -122,7 +125,8 @@ pub async fn status(cfg: &Config) -> Result<Status> {
         nats: cfg.nats.url.redacted(),
         origin: crate::app::origin(cfg)?,
         checkpoint: None,
-        relay: relay_readiness(&cfg.http.listen).await,
+        relay: relay_get(&cfg.http.listen, "/readyz").await,
+        last_error: relay_last_error(&cfg.http.listen).await,
         streams: Vec::new(),
         errors: Vec::new(),
     };
@@ -187,16 +191,28 @@ pub async fn status(cfg: &Config) -> Result<Status> {
     Ok(st)
 }
 
-/// `GET /readyz` of a relay listening on `listen` (plain HTTP/1.0, bounded by a
-/// timeout): its readiness line, or `None`.
-async fn relay_readiness(listen: &str) -> Option<String> {
+/// The last error the running relay saw, from its `/status`.
+async fn relay_last_error(listen: &str) -> Option<String> {
+    let body = relay_get(listen, "/status").await?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let e = v.get("last_error")?.as_str()?;
+    let age = v.get("last_error_age_seconds").and_then(|a| a.as_u64());
+    Some(match age {
+        Some(a) => format!("{e} ({a} s ago)"),
+        None => e.to_string(),
+    })
+}
+
+/// `GET path` of a relay listening on `listen` (plain HTTP/1.0, bounded by a
+/// timeout): the body, trimmed, or `None`.
+async fn relay_get(listen: &str, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if listen.is_empty() {
         return None;
     }
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(listen).await.ok()?;
-        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: relay\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n").as_bytes())
             .await
             .ok()?;
         let mut buf = String::new();
@@ -241,6 +257,9 @@ pub fn print_status(st: &Status) {
             .as_deref()
             .unwrap_or("not answering on http.listen")
     );
+    if let Some(e) = &st.last_error {
+        println!("last error   {e}");
+    }
     println!(
         "checkpoint   {} (origin {})",
         st.checkpoint.as_deref().unwrap_or("none"),

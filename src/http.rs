@@ -27,6 +27,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/status", get(status))
         .with_state(health);
     Ok(tokio::spawn(async move {
         let stop = async move {
@@ -49,6 +50,18 @@ async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
             format!("not ready: {why}\n"),
         ),
     }
+}
+
+/// Readiness and the last error as JSON, for `outbox-relay status` (errors never carry
+/// secrets: URLs in them are redacted where they are made).
+async fn status(State(h): State<Arc<Health>>) -> axum::Json<serde_json::Value> {
+    let (last_error, age) = h.last_error_seen().unzip();
+    axum::Json(serde_json::json!({
+        "ready": h.ready(),
+        "not_ready": h.not_ready(),
+        "last_error": last_error,
+        "last_error_age_seconds": age,
+    }))
 }
 
 async fn metrics(

@@ -65,6 +65,8 @@ pub struct Health {
     /// `monitor.stall_after` in ms; 0 = never stalled.
     stall_after_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The last error ever seen and when (ms): kept after recovery, for `status`.
+    last_error_seen: Mutex<Option<(String, u64)>>,
 }
 
 /// Slot lag below this never counts as a stall (an idle database lags a little).
@@ -209,6 +211,7 @@ impl Health {
             connected_ms: AtomicU64::new(0),
             stall_after_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            last_error_seen: Mutex::new(None),
         }
     }
 
@@ -329,9 +332,18 @@ impl Health {
     }
 
     pub fn set_last_error(&self, e: Option<String>) {
+        if let (Some(text), Ok(mut seen)) = (&e, self.last_error_seen.lock()) {
+            *seen = Some((text.clone(), now_ms()));
+        }
         if let Ok(mut g) = self.last_error.lock() {
             *g = e;
         }
+    }
+
+    /// The last error seen, even if the relay recovered since, and its age in seconds.
+    pub fn last_error_seen(&self) -> Option<(String, u64)> {
+        let seen = self.last_error_seen.lock().ok()?.clone()?;
+        Some((seen.0, now_ms().saturating_sub(seen.1) / 1000))
     }
 
     pub fn last_error(&self) -> Option<String> {

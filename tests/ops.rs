@@ -234,6 +234,17 @@ async fn readiness_and_lag_follow_a_nats_outage() {
     env.nats.start_again();
     wait_http(port, "/readyz", 200, "").await;
     wait_count(&env.js().await, STREAM, 5_001).await;
+    // Recovered, and `status` still tells what went wrong.
+    let out = env.cli(&["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&out.stdout).expect("status --json");
+    assert!(
+        st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nats")),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(st["relay"], "ready", "{}", out.stdout);
 }
 
 /// A silent stall (the walsender frozen with SIGSTOP while rows pile up): `/readyz`
@@ -281,4 +292,56 @@ async fn silent_stall_fails_readiness() {
     .await;
     let log = relay.log_text();
     assert_eq!(log.matches("stalled: nothing read").count(), 1, "{log}");
+}
+
+/// `log.format = "json"`: every line is a JSON object; the backlog drained is logged
+/// once ("caught up"); a line made while handling a transaction carries its commit
+/// LSN (the `tx` span).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_state_changes_and_the_commit_lsn() {
+    let env = Env::start_migrated().await;
+    let relay = Relay::spawn_full(
+        &env.config_path(),
+        env.dir.path(),
+        &[("OUTBOX_RELAY_LOG_FORMAT", "json")],
+        &[],
+    );
+    let c = env.sql().await;
+    c.batch_execute(
+        r#"INSERT INTO outbox_events (event_topic, aggregate_type, payload, destination_topics)
+           VALUES ('lost', 'order', '{}', '["nostream.anywhere"]')"#,
+    )
+    .await
+    .unwrap();
+    wait_count(&env.js().await, STREAM, 1).await;
+    let r = &relay;
+    wait_for("caught up logged", DEADLINE, || async move {
+        r.log_text().contains("caught up")
+    })
+    .await;
+    let lines: Vec<serde_json::Value> = relay
+        .log_text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let caught_up = lines
+        .iter()
+        .filter(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("caught up"))
+        })
+        .count();
+    assert_eq!(caught_up, 1);
+    let dead = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "event dead-lettered")
+        .expect("dead-letter line");
+    assert!(
+        dead["span"]["commit_lsn"]
+            .as_str()
+            .is_some_and(|l| l.contains('/')),
+        "{dead}"
+    );
 }
