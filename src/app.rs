@@ -240,6 +240,22 @@ impl Session<'_> {
                 cfg.checkpoint.bucket
             )));
         }
+        let current = admin::current_wal_lsn(&sql).await?;
+        if checkpoint.saved() > current {
+            // Positions are per server: this database never wrote up to the checkpoint.
+            // Resuming there would skip every event committed below it.
+            return Err(Error::fatal(format!(
+                "checkpoint {} is ahead of this server's WAL ({}): the checkpoint belongs to \
+                 another database with the same name and slot, or this one was restored from a backup",
+                crate::route::format_lsn(checkpoint.saved()),
+                crate::route::format_lsn(current)
+            ))
+            .hint(format!(
+                "give this database its own postgres.slot (the checkpoint key is <database>/<slot>), \
+                 or, if the old events are all delivered, delete key position.* from KV bucket {}",
+                cfg.checkpoint.bucket
+            )));
+        }
         if admin::ensure_slot(&sql, slot).await? {
             tracing::info!(slot = %slot, "replication slot created");
         }

@@ -633,3 +633,32 @@ async fn replication_privilege_revoked_is_fatal() {
     let log = relay.log_text();
     assert!(log.contains("REPLICATION"), "{log}");
 }
+
+/// A checkpoint ahead of the server's WAL (another database with the same name and
+/// slot, or a restored backup) would skip events: fatal, saying why and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_ahead_of_the_server_is_fatal() {
+    let env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    insert_tx(&c, 1, "x").await;
+    wait_count(&env.js().await, STREAM, 1).await;
+    assert!(relay.terminate().success());
+    let kv = env
+        .js()
+        .await
+        .get_key_value("outbox_relay")
+        .await
+        .expect("checkpoint bucket");
+    kv.put("position.app_outbox_relay", "FF/0".into())
+        .await
+        .unwrap();
+    let out = env.cli(&["run"]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("is ahead of this server's WAL")
+            && out.stderr.contains("own postgres.slot"),
+        "{}",
+        out.stderr
+    );
+}

@@ -332,6 +332,17 @@ pub async fn current_database(client: &Client) -> Result<String> {
         .get(0))
 }
 
+/// The server's current WAL position.
+pub async fn current_wal_lsn(client: &Client) -> Result<u64> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0);
+    crate::checkpoint::parse_lsn(&text)
+        .ok_or_else(|| Error::transient(format!("unexpected pg_current_wal_lsn {text:?}")))
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SlotInfo {
     pub plugin: Option<String>,
