@@ -419,6 +419,13 @@ impl Config {
         }
         check_sql_name("outbox.table", &schema)?;
         check_sql_name("outbox.table", &table)?;
+        if self.retention.enabled && self.outbox.columns.created_at.is_empty() {
+            return Err(bad_key(
+                "retention.enabled",
+                "retention needs a creation-time column, but outbox.columns.created_at is empty",
+                "map outbox.columns.created_at to a timestamptz column, or set retention.enabled = false",
+            ));
+        }
         let required: Vec<&str> = self
             .outbox
             .columns
@@ -844,6 +851,15 @@ listen = "127.0.0.1:9187"
                 "{bad}"
             );
         }
+        let mut cfg = Config::default();
+        cfg.retention.enabled = true;
+        cfg.outbox.columns.created_at = String::new();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .message
+                .contains("retention.enabled")
+        );
         let mut cfg = Config::default();
         cfg.http.listen = "nowhere".into();
         assert!(cfg.validate().unwrap_err().message.contains("http.listen"));

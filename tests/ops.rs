@@ -157,6 +157,18 @@ async fn retention_prunes_only_old_delivered_rows() {
     .await
     .unwrap();
     insert_tx(&c, 5, "fresh").await;
+    // Rows keep arriving while the pruner deletes in batches: none of them is touched.
+    let url = env.pg.url("app");
+    let writer = tokio::spawn(async move {
+        let (w, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..40 {
+            insert_tx(&w, 5, "live").await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
     wait_count(&env.js().await, STREAM, 35).await;
     wait_for("old rows pruned", DEADLINE, || async {
         let n: i64 = c
@@ -179,6 +191,17 @@ async fn retention_prunes_only_old_delivered_rows() {
         .unwrap()
         .get(0);
     assert_eq!(fresh, 5);
+    writer.await.unwrap();
+    wait_count(&env.js().await, STREAM, 235).await;
+    let live: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox_events WHERE event_topic = 'live'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 200, "retention touched rows written while it ran");
 }
 
 /// `check` explains the server settings that matter (unlimited WAL retention here) and
