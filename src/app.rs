@@ -211,6 +211,9 @@ impl Session<'_> {
         let sql = admin::connect(cfg).await?;
         admin::preflight(&sql, cfg).await?;
         if !self.notes_logged {
+            for line in admin::settings_summary(&sql).await.unwrap_or_default() {
+                tracing::info!("{line}");
+            }
             for note in admin::setting_notes(&sql, cfg).await.unwrap_or_default() {
                 tracing::warn!("{note}");
             }

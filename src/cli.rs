@@ -18,6 +18,10 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
                 Ok(p) => problems.extend(p),
                 Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
             }
+            match admin::settings_summary(&client).await {
+                Ok(n) => notes.extend(n),
+                Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
+            }
             match admin::setting_notes(&client, cfg).await {
                 Ok(n) => notes.extend(n),
                 Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),

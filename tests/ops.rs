@@ -230,7 +230,14 @@ async fn check_explains_settings_and_orphaned_slots() {
         "{}",
         out.stdout
     );
-    let _ = Duration::ZERO;
+    // Every safety-relevant setting is explained, whatever its value.
+    for needle in [
+        "note: setting max_slot_wal_keep_size = unlimited",
+        "note: setting wal_sender_timeout = 60000 ms: the slot of a relay that died",
+        "note: setting max_replication_slots = ",
+    ] {
+        assert!(out.stdout.contains(needle), "{needle}:\n{}", out.stdout);
+    }
 }
 
 /// NATS down: `/readyz` turns unready with the reason, the slot lag in `/metrics` keeps

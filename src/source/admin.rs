@@ -260,6 +260,39 @@ async fn table_exists(client: &impl GenericClient, schema: &str, table: &str) ->
 
 /// Server settings that matter for this deployment, explained: not errors, but what an
 /// operator should know (`check` prints them, `run` logs them at start).
+/// What the server settings that bound the relay's safety mean for this deployment,
+/// one line each, whatever their values (`check` prints them; `run` logs them once).
+pub async fn settings_summary(client: &Client) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT name, setting, coalesce(unit, '') FROM pg_settings
+             WHERE name IN ('max_slot_wal_keep_size', 'wal_sender_timeout', 'max_replication_slots')
+             ORDER BY name",
+            &[],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?;
+    let used: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .map_err(|e| from_pg(&e))?
+        .get(0);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (name, value, unit): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let meaning = match (name.as_str(), value.as_str()) {
+                ("max_slot_wal_keep_size", "-1") => "unlimited: the slot keeps WAL however long the relay is down; watch the disk and outbox_relay_slot_lag_bytes".to_string(),
+                ("max_slot_wal_keep_size", _) => format!("{value} {unit}: a relay down or behind by more WAL than this has its slot invalidated, and events must be recovered from the table"),
+                ("wal_sender_timeout", "0") => "0 (off): the slot of a relay that died without closing its connection stays busy until TCP notices".to_string(),
+                ("wal_sender_timeout", _) => format!("{value} {unit}: the slot of a relay that died without closing its connection is free again after at most this"),
+                (_, _) => format!("{value}, {used} in use: each relay needs one"),
+            };
+            format!("setting {name} = {meaning}")
+        })
+        .collect())
+}
+
 pub async fn setting_notes(client: &Client, cfg: &Config) -> Result<Vec<String>> {
     let mut notes = Vec::new();
     let setting = |name: &'static str| async move {
