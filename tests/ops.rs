@@ -38,9 +38,21 @@ async fn metrics_cover_lag_latency_and_labels() {
         "outbox_relay_decoded_bytes_total ",
         "outbox_relay_seconds_since_last_event ",
         r#"outbox_relay_connected{end="postgres"} 1"#,
+        "outbox_relay_in_flight 0",
+        "outbox_relay_seconds_since_last_confirm ",
     ] {
         assert!(body.contains(needle), "{needle} missing:\n{body}");
     }
+    assert!(
+        metric(&body, "outbox_relay_transactions_total") >= 1.0,
+        "{body}"
+    );
+    assert!(metric(&body, "outbox_relay_confirmed_lsn") > 0.0, "{body}");
+    // The checkpoint is persisted on its own timer.
+    wait_for("checkpoint position exported", DEADLINE, || async move {
+        relay_metric(port, "outbox_relay_checkpoint_lsn").await > 0.0
+    })
+    .await;
 }
 
 /// Slot lag over `monitor.lag_fail_bytes` fails readiness, with the reason.
@@ -264,6 +276,7 @@ async fn readiness_and_lag_follow_a_nats_outage() {
     env.nats.start_again();
     wait_http(port, "/readyz", 200, "").await;
     wait_count(&env.js().await, STREAM, 5_001).await;
+    assert!(relay_metric(port, "outbox_relay_reconnects_total").await >= 1.0);
     // Recovered, and `status` still tells what went wrong.
     let out = env.cli(&["status", "--json"]);
     let st: serde_json::Value = serde_json::from_str(&out.stdout).expect("status --json");
