@@ -40,27 +40,9 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
                     Some("start nats-server with -js (JetStream enabled)"),
                 ));
             } else {
-                let declared: Vec<&str> = cfg.streams.iter().map(|s| s.name.as_str()).collect();
-                let subjects = [
-                    (
-                        "routing.subject",
-                        sink::streams::probe_subject(&cfg.routing.subject),
-                    ),
-                    (
-                        "routing.dead_letter_prefix",
-                        format!("{}.probe", cfg.routing.dead_letter_prefix),
-                    ),
-                ];
-                for (key, subject) in subjects {
-                    match sink::streams::stream_for(&js, &subject).await {
-                        Ok(Some(_)) => {}
-                        Ok(None) if !declared.is_empty() && covered_by_declared(cfg, &subject) => {}
-                        Ok(None) => problems.push(problem(
-                            &format!("no jetstream stream captures {subject} ({key})"),
-                            Some("create a stream for it, or declare one in [[streams]] (the relay creates it at start)"),
-                        )),
-                        Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
-                    }
+                match sink::streams::StreamIndex::load(&js).await {
+                    Ok(index) => capture_problems(cfg, &index, &mut problems, &mut notes),
+                    Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
                 }
             }
         }
@@ -70,11 +52,54 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
 }
 
 /// Does a `[[streams]]` entry (created at `run`) capture `subject`?
-fn covered_by_declared(cfg: &Config, subject: &str) -> bool {
-    cfg.streams
+/// Is every subject routing can produce captured by a stream (existing, or declared in
+/// `[[streams]]` and created at start)? Partly captured is a note: the rest would be
+/// dead-lettered; not captured at all is a problem.
+fn capture_problems(
+    cfg: &Config,
+    index: &sink::streams::StreamIndex,
+    problems: &mut Vec<admin::Problem>,
+    notes: &mut Vec<String>,
+) {
+    use sink::streams::{pattern_covers, patterns_overlap, template_pattern};
+    let filters: Vec<&str> = index
+        .filters()
         .iter()
-        .flat_map(|s| s.subjects.iter())
-        .any(|pattern| sink::streams::subject_matches(pattern, subject))
+        .map(|(f, _)| f.as_str())
+        .chain(
+            cfg.streams
+                .iter()
+                .flat_map(|s| s.subjects.iter().map(String::as_str)),
+        )
+        .collect();
+    let patterns = [
+        ("routing.subject", template_pattern(&cfg.routing.subject)),
+        (
+            "routing.dead_letter_prefix",
+            format!("{}.>", cfg.routing.dead_letter_prefix),
+        ),
+    ];
+    for (key, pattern) in patterns {
+        if filters.iter().any(|f| pattern_covers(f, &pattern)) {
+            continue;
+        }
+        let partly: Vec<&str> = filters
+            .iter()
+            .copied()
+            .filter(|f| patterns_overlap(f, &pattern))
+            .collect();
+        if partly.is_empty() {
+            problems.push(problem(
+                &format!("no jetstream stream captures {pattern} ({key})"),
+                Some("create a stream for it, or declare one in [[streams]] (the relay creates it at start)"),
+            ));
+        } else {
+            notes.push(format!(
+                "subjects {pattern} ({key}) are only partly captured, by {}: events routed elsewhere go to the dead-letter subject",
+                partly.join(", ")
+            ));
+        }
+    }
 }
 
 fn problem(what: &str, fix: Option<&str>) -> admin::Problem {

@@ -388,3 +388,37 @@ async fn json_logs_carry_state_changes_and_the_commit_lsn() {
         "{dead}"
     );
 }
+
+/// `check` judges stream coverage by the pattern routing can produce: streams split by
+/// aggregate type are "partly captured" (a note), no overlapping stream is a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_uncaptured_subjects() {
+    let env = Env::start_migrated().await;
+    let config = |subjects: &str| {
+        format!(
+            "[postgres]\nurl = \"{}\"\n[nats]\nurl = \"{}\"\n[http]\nlisten = \"\"\n\
+             [[streams]]\nname = \"S\"\nsubjects = [{subjects}]\n",
+            env.pg.url("app"),
+            env.nats.url()
+        )
+    };
+    env.write_raw_config(&config(r#""outbox.order.>", "outbox.dlq.>""#));
+    let out = env.cli(&["check"]);
+    assert!(out.status.success(), "{}", out.text());
+    assert!(
+        out.stdout.contains(
+            "subjects outbox.*.* (routing.subject) are only partly captured, by outbox.order.>"
+        ),
+        "{}",
+        out.stdout
+    );
+    env.write_raw_config(&config(r#""other.>""#));
+    let out = env.cli(&["check"]);
+    assert!(!out.status.success(), "{}", out.text());
+    for needle in [
+        "no jetstream stream captures outbox.*.* (routing.subject)",
+        "no jetstream stream captures outbox.dlq.> (routing.dead_letter_prefix)",
+    ] {
+        assert!(out.stdout.contains(needle), "{needle}:\n{}", out.stdout);
+    }
+}

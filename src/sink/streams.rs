@@ -131,6 +131,11 @@ impl StreamIndex {
         Ok(true)
     }
 
+    /// Every (subject filter, stream) pair.
+    pub fn filters(&self) -> &[(String, String)] {
+        &self.filters
+    }
+
     /// The stream capturing `subject`, if any.
     pub fn stream_of(&mut self, subject: &str) -> Option<String> {
         if let Some(hit) = self.cache.get(subject) {
@@ -169,6 +174,46 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
             (Some(">"), Some(_)) => return true,
             (Some("*"), Some(_)) => {}
             (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Every subject a template can produce, as a NATS pattern: each token holding a
+/// `{field}` becomes `*` (`outbox.{aggregate_type}.{event_topic}` → `outbox.*.*`).
+pub fn template_pattern(template: &str) -> String {
+    template
+        .split('.')
+        .map(|t| if t.contains('{') { "*" } else { t })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Does `filter` capture every subject that `pattern` matches?
+pub fn pattern_covers(filter: &str, pattern: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut p = pattern.split('.');
+    loop {
+        match (f.next(), p.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != "*" && a != ">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Can a subject match both patterns?
+pub fn patterns_overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('.');
+    let mut y = b.split('.');
+    loop {
+        match (x.next(), y.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(s), Some(t)) if s == t => {}
             (None, None) => return true,
             _ => return false,
         }
@@ -242,5 +287,33 @@ mod tests {
             super::probe_subject("outbox.{aggregate_type}.{event_topic}"),
             "outbox.probe.probe"
         );
+    }
+}
+
+#[cfg(test)]
+mod coverage_tests {
+    use super::*;
+
+    #[test]
+    fn template_becomes_a_pattern() {
+        assert_eq!(
+            template_pattern("outbox.{aggregate_type}.{event_topic}"),
+            "outbox.*.*"
+        );
+        assert_eq!(template_pattern("t.{tenant_id}_x.fixed"), "t.*.fixed");
+    }
+
+    #[test]
+    fn covers_and_overlaps() {
+        assert!(pattern_covers("outbox.>", "outbox.*.*"));
+        assert!(pattern_covers("outbox.*.*", "outbox.*.*"));
+        assert!(pattern_covers("outbox.*.*", "outbox.order.*"));
+        assert!(!pattern_covers("outbox.order.>", "outbox.*.*"));
+        assert!(!pattern_covers("outbox.*", "outbox.*.*"));
+        assert!(!pattern_covers("outbox.*.*", "outbox.>"));
+        assert!(pattern_covers("outbox.>", "outbox.dlq.>"));
+        assert!(patterns_overlap("outbox.order.>", "outbox.*.*"));
+        assert!(!patterns_overlap("other.>", "outbox.*.*"));
+        assert!(!patterns_overlap("outbox.*", "outbox.*.*"));
     }
 }
