@@ -298,7 +298,8 @@ impl Session<'_> {
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let outcome: Result<()> = loop {
-            let can_read = st.tracker.in_flight() < max_in_flight;
+            let can_read = st.tracker.in_flight() < max_in_flight
+                && sink.in_flight_bytes() < cfg.nats.max_in_flight_bytes;
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),

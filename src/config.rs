@@ -184,6 +184,9 @@ pub struct NatsConfig {
     /// Messages published whose PubAck has not arrived yet. Bounds memory and the
     /// replay after a fault.
     pub max_in_flight: usize,
+    /// Payload bytes of the messages in flight: with large payloads, the message count
+    /// alone would not bound memory. One message is always allowed, however large.
+    pub max_in_flight_bytes: usize,
     /// How long to wait for one PubAck before the publish counts as failed (transient).
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
@@ -194,6 +197,7 @@ impl Default for NatsConfig {
         Self {
             url: SecretUrl("nats://127.0.0.1:4222".into()),
             max_in_flight: 4096,
+            max_in_flight_bytes: 32 << 20,
             ack_timeout: Duration::from_secs(5),
         }
     }
@@ -466,6 +470,13 @@ impl Config {
                 "nats.max_in_flight",
                 "must be at least 1",
                 "the default is 4096",
+            ));
+        }
+        if self.nats.max_in_flight_bytes == 0 {
+            return Err(bad_key(
+                "nats.max_in_flight_bytes",
+                "must be at least 1",
+                "e.g. 33554432 (32 MiB)",
             ));
         }
         if self.nats.ack_timeout.is_zero() {

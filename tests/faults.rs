@@ -662,3 +662,42 @@ async fn checkpoint_ahead_of_the_server_is_fatal() {
         out.stderr
     );
 }
+
+/// Large payloads: the in-flight window is bounded in bytes too (`nats.max_in_flight_bytes`),
+/// so 400 rows of 300 KB in one transaction pass with a small resident set; the
+/// count bound alone (4096 messages) would let all 120 MB be in flight at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_bounded_by_in_flight_bytes() {
+    let env = Env::start_migrated().await;
+    let relay = Relay::spawn_full(
+        &env.config_path(),
+        env.dir.path(),
+        &[("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT_BYTES", "2097152")],
+        &[],
+    );
+    wait_for("relay streaming", DEADLINE, || async {
+        relay_log_contains(&relay, "streaming")
+    })
+    .await;
+    env.sql()
+        .await
+        .execute(
+            "INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             SELECT 'big', 'order', jsonb_build_object('n', g, 'pad', repeat('x', 300000))
+             FROM generate_series(1, 400) AS s(g) ORDER BY s.g",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_count(&env.js().await, STREAM, 400).await;
+    let peak_kb = vm_hwm_kb(relay.pid());
+    eprintln!(
+        "relay VmHWM with 400 x 300 KB in one transaction: {} MB",
+        peak_kb / 1024
+    );
+    assert!(
+        peak_kb < 80 * 1024,
+        "peak RSS {} MB >= 80 MB",
+        peak_kb / 1024
+    );
+}

@@ -50,6 +50,8 @@ pub struct Sink {
     last_counter: Option<(String, String, String, Counter)>,
     /// `Outbox-Origin` (the same on every message), for rebuilt dead letters.
     origin: Option<HeaderValue>,
+    /// Payload bytes of the messages awaiting their PubAck.
+    in_flight_bytes: usize,
 }
 
 /// Connect to NATS. Initial connect failures are transient (NATS may be starting).
@@ -135,6 +137,7 @@ impl Sink {
             health,
             last_counter: None,
             origin: None,
+            in_flight_bytes: 0,
         }
     }
 
@@ -144,6 +147,11 @@ impl Sink {
 
     pub fn in_flight(&self) -> usize {
         self.acks.len()
+    }
+
+    /// Payload bytes awaiting their PubAck (the caller bounds it beside the count).
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight_bytes
     }
 
     /// Send one envelope; its ack arrives through [`Sink::next_ack`]. A routing failure
@@ -215,6 +223,7 @@ impl Sink {
     }
 
     fn push(&mut self, sent: Sent, fut: PublishAckFuture) {
+        self.in_flight_bytes += sent.payload.len();
         let started = std::time::Instant::now();
         let health = self.health.clone();
         self.acks.push(Box::pin(async move {
@@ -232,6 +241,7 @@ impl Sink {
     /// unconfirmed transaction.
     pub async fn next_ack(&mut self) -> Option<Result<Ticket>> {
         let (sent, res) = self.acks.next().await?;
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(sent.payload.len());
         Some(match res {
             Ok(_) => {
                 sent.counter.inc();

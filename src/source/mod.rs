@@ -17,6 +17,9 @@ use crate::error::{Error, Result, from_repl};
 
 pub use pgwire_replication::ReplicationEvent as Event;
 
+/// Replication events buffered between the socket and the pipeline.
+pub const REPLICATION_BUFFER_EVENTS: usize = 256;
+
 /// An open replication stream.
 pub struct Stream {
     client: ReplicationClient,
@@ -52,7 +55,10 @@ impl Stream {
         .with_start_lsn(Lsn::from_u64(start))
         .with_status_interval(cfg.postgres.status_interval)
         .with_wakeup_interval(Duration::from_secs(10))
-        .with_buffer_size(4096)
+        // Events read ahead of the pipeline. Counted in events, not bytes, so it is kept
+        // small: with large rows it is the part of memory `nats.max_in_flight_bytes`
+        // does not bound.
+        .with_buffer_size(REPLICATION_BUFFER_EVENTS)
         .with_application_name("outbox-relay");
         let client = ReplicationClient::connect(rc)
             .await
