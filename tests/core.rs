@@ -70,6 +70,9 @@ async fn delivers_every_row_once_in_commit_and_insert_order() {
     assert_eq!(first.header("Outbox-Schema-Version"), Some("3"));
     assert_eq!(first.header("Outbox-Occurred-At"), Some(occurred.as_str()));
     assert_eq!(first.header("Outbox-Tx-Index"), Some("0"));
+    assert_eq!(first.header("Nats-Msg-Id"), Some(expected[0].as_str()));
+    // `<database>/<slot>`: how a restart finds its own last message in a shared stream.
+    assert_eq!(first.header("Outbox-Origin"), Some("app/outbox_relay"));
     assert!(
         first
             .header("Outbox-Commit-Lsn")

@@ -310,6 +310,42 @@ async fn quick_nats_restarts_keep_order_without_gaps() {
     );
 }
 
+/// 3c. nats-server frozen (SIGSTOP) under load for longer than the ack timeout: the
+///     connection stays open but no PubAck comes. The session ends on the timeouts and
+///     retries; after SIGCONT every row arrives once, in order, with no process restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puback_timeouts_recover_without_loss() {
+    let env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let pid = relay.pid();
+    let producer = Producer::start(env.pg.url("app"), 20_000, 19, 0);
+    let js = env.js().await;
+    wait_count(&js, STREAM, 2_000).await;
+    let nats_pid = env.nats.pid().expect("nats-server running").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, nats_pid.as_str()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} nats-server");
+    };
+    signal("-STOP");
+    let r = &relay;
+    wait_for("a PubAck timeout", DEADLINE, || async move {
+        r.log_text().contains("didn't receive ack in time")
+    })
+    .await;
+    signal("-CONT");
+    producer.finish().await;
+    verify_exactly_once(&env).await;
+    assert!(
+        relay.exited().is_none(),
+        "relay exited:\n{}",
+        relay.log_text()
+    );
+    assert_eq!(relay.pid(), pid);
+}
+
 /// 4. PostgreSQL stopped with `-m immediate` under load (its slot position goes back to
 ///    the last checkpoint) and started again: nothing lost, zero duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

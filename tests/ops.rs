@@ -422,3 +422,37 @@ async fn check_reports_uncaptured_subjects() {
         assert!(out.stdout.contains(needle), "{needle}:\n{}", out.stdout);
     }
 }
+
+/// `check` lists every problem at once, each with its fix: wal_level, the REPLICATION
+/// privilege, the missing table and the missing publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_lists_every_problem_at_once() {
+    let pg = Postgres::start_with(&[("wal_level", "replica")]);
+    let env = Env::start_with(pg, Nats::start()).await;
+    env.sql()
+        .await
+        .batch_execute("CREATE ROLE weak LOGIN")
+        .await
+        .unwrap();
+    let url = env.pg.url("app").replacen("postgres@", "weak@", 1);
+    assert!(url.contains("weak@"), "{url}");
+    env.write_raw_config(&format!(
+        "[postgres]\nurl = \"{url}\"\n[nats]\nurl = \"{}\"\n[http]\nlisten = \"\"\n\
+         [[streams]]\nname = \"OUTBOX\"\nsubjects = [\"outbox.>\"]\n",
+        env.nats.url()
+    ));
+    let out = env.cli(&["check"]);
+    assert!(!out.status.success(), "{}", out.text());
+    for needle in [
+        "problem: wal_level is replica",
+        "fix: set wal_level = logical",
+        "problem: the relay's role has no REPLICATION privilege",
+        "fix: ALTER ROLE <relay user> REPLICATION",
+        "problem: outbox table public.outbox_events does not exist",
+        "fix: run `outbox-relay migrate`",
+        "problem: publication outbox_relay does not exist",
+    ] {
+        assert!(out.stdout.contains(needle), "{needle}:\n{}", out.stdout);
+    }
+    assert!(out.stderr.contains("problem(s) found"), "{}", out.stderr);
+}
