@@ -220,11 +220,7 @@ async fn sigkill_scenario(
     }
     producer.finish().await;
     verify_exactly_once(&env).await;
-    assert!(
-        relay.exited().is_none(),
-        "relay died:\n{}",
-        relay.log_text()
-    );
+    relay.assert_running("after the kills");
     skipped + relay_metric(env.http_port, "outbox_relay_replays_skipped_total").await
 }
 
@@ -268,11 +264,7 @@ async fn nats_outage_under_load() {
     env.nats.stop();
     let during = producer.committed();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert!(
-        relay.exited().is_none(),
-        "relay exited during the outage:\n{}",
-        relay.log_text()
-    );
+    relay.assert_running("during the outage");
     assert!(
         producer.committed() > during,
         "the producer kept committing during the outage"
@@ -280,7 +272,7 @@ async fn nats_outage_under_load() {
     env.nats.start_again();
     producer.finish().await;
     verify_exactly_once(&env).await;
-    assert!(relay.exited().is_none());
+    relay.assert_running("at the end");
     assert_eq!(relay.pid(), pid);
 }
 
@@ -303,11 +295,7 @@ async fn quick_nats_restarts_keep_order_without_gaps() {
         env.nats.start_again();
     }
     verify_exactly_once(&env).await;
-    assert!(
-        relay.exited().is_none(),
-        "relay exited:\n{}",
-        relay.log_text()
-    );
+    relay.assert_running("after the fault");
 }
 
 /// 3c. nats-server frozen (SIGSTOP) under load for longer than the ack timeout: the
@@ -322,13 +310,7 @@ async fn puback_timeouts_recover_without_loss() {
     let js = env.js().await;
     wait_count(&js, STREAM, 2_000).await;
     let nats_pid = env.nats.pid().expect("nats-server running").to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, nats_pid.as_str()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} nats-server");
-    };
+    let signal = |sig: &str| send_signal(&nats_pid, sig);
     signal("-STOP");
     let r = &relay;
     wait_for("a PubAck timeout", DEADLINE, || async move {
@@ -338,11 +320,7 @@ async fn puback_timeouts_recover_without_loss() {
     signal("-CONT");
     producer.finish().await;
     verify_exactly_once(&env).await;
-    assert!(
-        relay.exited().is_none(),
-        "relay exited:\n{}",
-        relay.log_text()
-    );
+    relay.assert_running("after the fault");
     assert_eq!(relay.pid(), pid);
 }
 
@@ -363,11 +341,7 @@ async fn postgres_crash_under_load() {
     env.pg.start_again();
     producer.finish().await;
     verify_exactly_once(&env).await;
-    assert!(
-        relay.exited().is_none(),
-        "relay exited:\n{}",
-        relay.log_text()
-    );
+    relay.assert_running("after the fault");
 }
 
 /// 5. The replication backend terminated from SQL: the relay reconnects by itself.
@@ -379,14 +353,7 @@ async fn terminated_replication_backend_reconnects() {
     let js = env.js().await;
     insert_tx(&c, 10, "before").await;
     wait_count(&js, STREAM, 10).await;
-    let killed: i64 = c
-        .query_one(
-            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active_pid IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed = query_i64(&c, "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND active_pid IS NOT NULL").await;
     assert_eq!(killed, 1);
     insert_tx(&c, 10, "after").await;
     wait_count(&js, STREAM, 20).await;
@@ -395,7 +362,7 @@ async fn terminated_replication_backend_reconnects() {
         relay_metric(port, "outbox_relay_reconnects_total").await >= 1.0
     })
     .await;
-    assert!(relay.exited().is_none());
+    relay.assert_running("at the end");
     verify_exactly_once(&env).await;
 }
 
@@ -705,12 +672,7 @@ async fn checkpoint_ahead_of_the_server_is_fatal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_payloads_bounded_by_in_flight_bytes() {
     let env = Env::start_migrated().await;
-    let relay = Relay::spawn_full(
-        &env.config_path(),
-        env.dir.path(),
-        &[("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT_BYTES", "2097152")],
-        &[],
-    );
+    let relay = env.spawn_relay_env(&[("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT_BYTES", "2097152")]);
     wait_for("relay streaming", DEADLINE, || async {
         relay_log_contains(&relay, "streaming")
     })

@@ -104,6 +104,11 @@ subjects = ["outbox.>"]
         Relay::spawn(&self.config_path(), self.dir.path())
     }
 
+    /// `run` with extra environment variables (config overrides).
+    pub fn spawn_relay_env(&self, env: &[(&str, &str)]) -> Relay {
+        Relay::spawn_full(&self.config_path(), self.dir.path(), env, &[])
+    }
+
     /// `run` with extra arguments, e.g. `--null-sink`.
     pub fn spawn_relay_args(&self, args: &[&str]) -> Relay {
         Relay::spawn_full(&self.config_path(), self.dir.path(), &[], args)
@@ -251,6 +256,13 @@ impl Relay {
         Some(status)
     }
 
+    /// Panics with the relay's log if the process has exited.
+    pub fn assert_running(&mut self, when: &str) {
+        if let Some(status) = self.exited() {
+            panic!("relay exited ({status}) {when}:\n{}", self.log_text());
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -377,6 +389,23 @@ pub async fn insert_tx(c: &tokio_postgres::Client, n: i64, topic: &str) -> Vec<S
     .iter()
     .map(|r| r.get(0))
     .collect()
+}
+
+/// The single bigint of `sql` (a count, a position difference).
+pub async fn query_i64(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// Send `signal` (e.g. "-STOP", "-CONT") to process `pid`.
+pub fn send_signal(pid: impl std::fmt::Display, signal: &str) {
+    let ok = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {signal} {pid}");
 }
 
 /// Wait until `GET path` answers `status` with a body containing `needle`.

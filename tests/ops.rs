@@ -60,14 +60,7 @@ async fn metrics_cover_lag_latency_and_labels() {
 async fn lag_guard_fails_readiness() {
     let env = Env::start_migrated().await;
     let c = env.sql().await;
-    let lag: i64 = c
-        .query_one(
-            "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let lag = query_i64(&c, "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'outbox_relay'").await;
     let (warn, fail) = (lag + 100_000, lag + 500_000);
     env.write_config(&format!(
         "[monitor]\ninterval = \"200ms\"\nlag_warn_bytes = {warn}\nlag_fail_bytes = {fail}\n"
@@ -183,36 +176,27 @@ async fn retention_prunes_only_old_delivered_rows() {
     });
     wait_count(&env.js().await, STREAM, 35).await;
     wait_for("old rows pruned", DEADLINE, || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM outbox_events WHERE event_topic = 'old'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let n = query_i64(
+            &c,
+            "SELECT count(*) FROM outbox_events WHERE event_topic = 'old'",
+        )
+        .await;
         n == 0
     })
     .await;
-    let fresh: i64 = c
-        .query_one(
-            "SELECT count(*) FROM outbox_events WHERE event_topic = 'fresh'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let fresh = query_i64(
+        &c,
+        "SELECT count(*) FROM outbox_events WHERE event_topic = 'fresh'",
+    )
+    .await;
     assert_eq!(fresh, 5);
     writer.await.unwrap();
     wait_count(&env.js().await, STREAM, 235).await;
-    let live: i64 = c
-        .query_one(
-            "SELECT count(*) FROM outbox_events WHERE event_topic = 'live'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let live = query_i64(
+        &c,
+        "SELECT count(*) FROM outbox_events WHERE event_topic = 'live'",
+    )
+    .await;
     assert_eq!(live, 200, "retention touched rows written while it ran");
 }
 
@@ -311,13 +295,7 @@ async fn silent_stall_fails_readiness() {
         .await
         .unwrap()
         .get(0);
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let signal = |sig: &str| send_signal(pid, sig);
     signal("-STOP");
     insert_tx(&c, 20_000, "during").await;
     wait_http(port, "/readyz", 503, "stalled").await;
@@ -343,12 +321,7 @@ async fn silent_stall_fails_readiness() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_state_changes_and_the_commit_lsn() {
     let env = Env::start_migrated().await;
-    let relay = Relay::spawn_full(
-        &env.config_path(),
-        env.dir.path(),
-        &[("OUTBOX_RELAY_LOG_FORMAT", "json")],
-        &[],
-    );
+    let relay = env.spawn_relay_env(&[("OUTBOX_RELAY_LOG_FORMAT", "json")]);
     let c = env.sql().await;
     c.batch_execute(
         r#"INSERT INTO outbox_events (event_topic, aggregate_type, payload, destination_topics)
