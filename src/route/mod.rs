@@ -7,6 +7,7 @@
 //! the dead-letter subject and the stream moves on.
 
 pub mod headers;
+pub mod rules;
 mod subject;
 mod template;
 
