@@ -45,7 +45,7 @@ pub async fn run(
 ) -> Result<()> {
     let template = Template::parse(&cfg.routing.subject)
         .map_err(|e| Error::fatal(format!("config key routing.subject: {e}")))?;
-    let router = Router::new(template, &origin(&cfg)?);
+    let router = Router::new(template, &origin(&cfg)?).with_rules(cfg.routing.load_rules()?);
     let mut confirmed: u64 = 0;
     let mut backoff = new_backoff();
     let mut last_error: Option<String> = None;
@@ -175,6 +175,18 @@ fn too_large(env: &Envelope, max_payload: usize) -> bool {
         })
         .sum();
     env.payload.len() + headers + 16 > max_payload
+}
+
+/// The reason an `all_or_nothing` fan-out must go to the dead-letter subject as a
+/// whole: the first of its copies that would be dead-lettered.
+fn all_or_nothing_failure(envs: &[Envelope]) -> Option<String> {
+    envs.iter()
+        .filter(|e| e.all_or_nothing)
+        .find_map(|e| e.dead_letter.clone())
+        .filter(|_| {
+            envs.iter()
+                .any(|e| e.all_or_nothing && e.dead_letter.is_none())
+        })
 }
 
 /// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the
@@ -514,19 +526,32 @@ impl Session<'_> {
                     return Err(Error::transient("protocol: insert outside a transaction"));
                 };
                 self.health.event_read();
-                for mut env in self.router.route(&event, open.commit_lsn, &mut open.index) {
-                    let ticket = st.tracker.push_message();
-                    // Decide poison before publishing, so a replay decides the same and
-                    // reconciliation knows which stream the message went to.
-                    if env.dead_letter.is_none() && too_large(&env, st.max_payload) {
+                let committed_at_us = open.committed_at_us;
+                let mut envs = self.router.route(&event, open.commit_lsn, &mut open.index);
+                // Decide poison and destination before publishing anything, so a replay
+                // decides the same, reconciliation knows which stream each message went
+                // to, and an all-or-nothing fan-out can be refused as a whole.
+                for env in envs.iter_mut() {
+                    if env.dead_letter.is_none() && too_large(env, st.max_payload) {
                         env.dead_letter = Some(format!(
                             "message of {} bytes exceeds the server's max_payload of {} bytes",
                             env.payload.len(),
                             st.max_payload
                         ));
                     }
-                    env.stream = self.destination(&mut env, &mut st.index, sink).await?;
-                    env.committed_at_us = open.committed_at_us;
+                    env.stream = self.destination(env, &mut st.index, sink).await?;
+                    env.committed_at_us = committed_at_us;
+                }
+                if let Some(reason) = all_or_nothing_failure(&envs) {
+                    for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
+                        env.dead_letter = Some(format!(
+                            "all_or_nothing: another target of the event failed: {reason}"
+                        ));
+                        env.stream = self.destination(env, &mut st.index, sink).await?;
+                    }
+                }
+                for env in envs {
+                    let ticket = st.tracker.push_message();
                     if reconciler.already_stored(Some(&env.stream), env.pos) {
                         st.tracker.ack(ticket);
                         self.health.skipped_replays.inc();

@@ -12,6 +12,9 @@ use crate::source::admin;
 pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
+    if let Err(e) = cfg.routing.load_rules() {
+        problems.push(problem(&e.message, e.hint.as_deref()));
+    }
     match admin::connect(cfg).await {
         Ok(client) => {
             match admin::environment_problems(&client, cfg).await {

@@ -210,6 +210,10 @@ pub struct RoutingConfig {
     pub subject: String,
     /// Unpublishable events go to `<dead_letter_prefix>.<original subject>`.
     pub dead_letter_prefix: String,
+    /// TOML file of routing rules (routes, targets, conditions, transforms, sampling);
+    /// empty: the subject template alone. Relative paths are relative to the working
+    /// directory.
+    pub rules_file: String,
 }
 
 impl Default for RoutingConfig {
@@ -217,7 +221,40 @@ impl Default for RoutingConfig {
         Self {
             subject: "outbox.{aggregate_type}.{event_topic}".into(),
             dead_letter_prefix: "outbox.dlq".into(),
+            rules_file: String::new(),
         }
+    }
+}
+
+impl RoutingConfig {
+    /// The compiled rules file, if one is configured; errors name the key, the rule and
+    /// the field.
+    pub fn load_rules(&self) -> Result<Option<crate::route::rules::Rules>> {
+        if self.rules_file.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.rules_file).map_err(|e| {
+            Error::fatal(format!(
+                "config key routing.rules_file: cannot read {}: {e}",
+                self.rules_file
+            ))
+            .hint("give the path of a readable TOML rules file, or \"\" for the subject template alone")
+        })?;
+        let rules = crate::route::rules::Rules::from_toml(&text).map_err(|e| {
+            Error::fatal(format!(
+                "config key routing.rules_file ({}): {e}",
+                self.rules_file
+            ))
+            .hint("fix the rule and field named; `outbox-relay check` lists every problem")
+        })?;
+        if rules.max_delay_seconds() > 0 {
+            return Err(Error::fatal(format!(
+                "config key routing.rules_file ({}): delay_seconds is set, but this relay does not publish scheduled messages yet",
+                self.rules_file
+            ))
+            .hint("remove delay_seconds (or set it to 0); delayed delivery needs nats-server 2.12 message schedules, which the relay does not use yet"));
+        }
+        Ok(Some(rules))
     }
 }
 

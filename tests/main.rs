@@ -5,6 +5,7 @@ mod core;
 mod faults;
 mod harness;
 mod ops;
+mod routing;
 mod support;
 
 /// Self-tests of the test support code: `cargo test --test main selftest`.

@@ -43,6 +43,9 @@ pub struct Envelope {
     /// Commit time of its transaction, µs since the Unix epoch (0 = unknown), for the
     /// end-to-end latency metric.
     pub committed_at_us: i64,
+    /// One of an `all_or_nothing` fan-out: if any copy of the event would be
+    /// dead-lettered, all are (decided by the pipeline before publishing any).
+    pub all_or_nothing: bool,
 }
 
 /// The default router: a subject template, overridden per row by `destination_topics`.
@@ -50,6 +53,7 @@ pub struct Envelope {
 pub struct Router {
     template: Template,
     headers: HeaderSet,
+    rules: Option<rules::Rules>,
 }
 
 impl Router {
@@ -59,11 +63,19 @@ impl Router {
         Self {
             template,
             headers: HeaderSet::new(origin),
+            rules: None,
         }
     }
 
+    /// Route by a rules file first; events no route matches use the template.
+    pub fn with_rules(mut self, rules: Option<rules::Rules>) -> Self {
+        self.rules = rules;
+        self
+    }
+
     /// Route one event of the transaction committed at `commit_lsn`; `next_index` is the
-    /// transaction's message counter. Always returns at least one envelope.
+    /// transaction's message counter. Returns no envelope only when a rules file routed
+    /// the event nowhere (every target's conditions false or sampled out, no fallback).
     pub fn route(&self, ev: &OutboxEvent, commit_lsn: u64, next_index: &mut u32) -> Vec<Envelope> {
         let mut pos = move || {
             let p = Position {
@@ -73,8 +85,18 @@ impl Router {
             *next_index += 1;
             p
         };
+        let explicit = ev
+            .destination_topics
+            .as_ref()
+            .is_some_and(|raw| !is_json_null(raw));
+        if !explicit
+            && let Some(rules) = &self.rules
+            && let rules::Decision::Routed { targets, .. } = rules.decide(ev)
+        {
+            return self.rule_envelopes(ev, targets, &mut pos);
+        }
         let targets = match &ev.destination_topics {
-            Some(raw) if !is_json_null(raw) => destination_subjects(raw),
+            Some(raw) if explicit => destination_subjects(raw),
             _ => self.template.render(ev).map(|subject| vec![Ok(subject)]),
         };
         let targets = match targets {
@@ -99,6 +121,44 @@ impl Router {
             .collect()
     }
 
+    /// Envelopes for the targets a rules file selected: each with its own payload
+    /// (transformed or untouched) and extra headers; a target whose subject failed is a
+    /// dead letter.
+    fn rule_envelopes(
+        &self,
+        ev: &OutboxEvent,
+        targets: Vec<rules::RoutedTarget>,
+        pos: &mut impl FnMut() -> Position,
+    ) -> Vec<Envelope> {
+        let fan_out = targets.len() > 1;
+        targets
+            .into_iter()
+            .map(|t| {
+                let (subject, dead_letter) = match t.subject {
+                    Ok(s) => match validate_subject(&s) {
+                        Ok(()) => (s, None),
+                        Err(e) => (
+                            sanitize_subject_for_dlq(&s),
+                            Some(format!("subject {s:?}: {e}")),
+                        ),
+                    },
+                    Err(reason) => (fallback_subject(ev), Some(reason)),
+                };
+                let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
+                let mut env = self.envelope(ev, pos(), subject, msg_id, dead_letter);
+                env.payload = t.payload;
+                env.all_or_nothing = t.strategy == rules::Strategy::AllOrNothing && fan_out;
+                for (name, value) in t.headers {
+                    if let Ok(v) = <async_nats::HeaderValue as std::str::FromStr>::from_str(&value)
+                    {
+                        env.headers.insert(name.as_str(), v);
+                    }
+                }
+                env
+            })
+            .collect()
+    }
+
     fn envelope(
         &self,
         ev: &OutboxEvent,
@@ -115,6 +175,7 @@ impl Router {
             dead_letter,
             stream: String::new(),
             committed_at_us: 0,
+            all_or_nothing: false,
         }
     }
 }

@@ -288,6 +288,7 @@ impl Sink {
             dead_letter: None,
             stream: String::new(),
             committed_at_us: sent.committed_at_us,
+            all_or_nothing: false,
         };
         self.dead_letter(env, reason).await
     }

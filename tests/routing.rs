@@ -1,0 +1,126 @@
+//! Routing rules through real servers: conditions, transforms, sampling, fallback,
+//! per-target headers and the all-or-nothing strategy (`[routing] rules_file`).
+
+use crate::harness::*;
+
+const RULES: &str = r#"
+[[route]]
+name = "orders"
+match = { aggregate_type = "order" }
+strategy = "best_effort"
+fallback = { subject = "outbox.orders.other" }
+
+[[route.targets]]
+subject = "outbox.orders.big.{tenant_id}"
+conditions = { "payload.total" = { "$gt" = 1000 } }
+transform = { include_fields = ["total", "sku"], add_fields = { tenant = "{tenant_id}" } }
+headers = { "X-Priority" = "high" }
+
+[[route.targets]]
+subject = "outbox.orders.audit"
+conditions = { "payload.sku" = { "$in" = ["a", "b"] } }
+
+[[route.targets]]
+subject = "outbox.orders.never"
+sampling_rate = 0.0
+
+[[route]]
+name = "payments"
+match = { aggregate_type = "payment" }
+strategy = "all_or_nothing"
+
+[[route.targets]]
+subject = "outbox.payments.ok"
+
+[[route.targets]]
+subject = "nostream.payments"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_route_transform_sample_and_fall_back() {
+    let env = Env::start_migrated().await;
+    let rules = env.dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    env.write_config(&format!(
+        "[routing]\nrules_file = \"{}\"\n",
+        rules.display()
+    ));
+    let out = env.cli(&["check"]);
+    assert!(out.status.success(), "{}", out.text());
+    let _relay = env.spawn_relay();
+    let c = env.sql().await;
+    c.batch_execute(
+        r#"INSERT INTO outbox_events (event_topic, aggregate_type, tenant_id, payload)
+             VALUES ('placed', 'order', 'acme', '{"total": 1500, "sku": "a", "secret": 1}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             VALUES ('placed', 'order', '{"total": 5, "sku": "z"}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             VALUES ('paid', 'payment', '{"amount": 1}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             VALUES ('created', 'user', '{"k": 1}');"#,
+    )
+    .await
+    .unwrap();
+    let js = env.js().await;
+    let msgs = wait_read(&js, STREAM, 6).await;
+    assert_eq!(
+        subjects(&msgs),
+        [
+            // Big order: two targets matched (sampling 0 dropped the third).
+            "outbox.orders.big.acme",
+            "outbox.orders.audit",
+            // Small order: no target matched, the fallback took it.
+            "outbox.orders.other",
+            // Payment: one target has no stream, so neither copy is published.
+            "outbox.dlq.outbox.payments.ok",
+            "outbox.dlq.nostream.payments",
+            // No route for users: the subject template.
+            "outbox.user.created",
+        ]
+    );
+    let big: serde_json::Value = serde_json::from_slice(&msgs[0].payload).unwrap();
+    assert_eq!(
+        big,
+        serde_json::json!({"total": 1500, "sku": "a", "tenant": "acme"})
+    );
+    assert_eq!(msgs[0].header("X-Priority"), Some("high"));
+    // Without a transform the payload passes byte for byte.
+    assert_eq!(
+        msgs[1].payload,
+        br#"{"sku": "a", "total": 1500, "secret": 1}"#
+    );
+    assert!(
+        msgs[3]
+            .header("Outbox-Dlq-Reason")
+            .is_some_and(|r| r.starts_with("all_or_nothing")),
+        "{:?}",
+        msgs[3].header("Outbox-Dlq-Reason")
+    );
+    // Fan-out copies of one event do not dedup each other.
+    assert_ne!(msgs[0].msg_id(), msgs[1].msg_id());
+}
+
+/// A bad rules file is refused by `check` and `run`, naming the rule and the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rules_file_is_refused_naming_rule_and_field() {
+    let env = Env::start_migrated().await;
+    let rules = env.dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[route]]\nname = \"r\"\n[[route.targets]]\nsubject = \"x.y\"\nconditions = { \"payload.p\" = { \"$gtt\" = 1 } }\n",
+    )
+    .unwrap();
+    env.write_config(&format!(
+        "[routing]\nrules_file = \"{}\"\n",
+        rules.display()
+    ));
+    for cmd in ["check", "run"] {
+        let out = env.cli(&[cmd]);
+        assert!(!out.status.success(), "{cmd}: {}", out.text());
+        assert!(
+            out.text().contains("routing.rules_file") && out.text().contains("$gtt"),
+            "{cmd}: {}",
+            out.text()
+        );
+    }
+}
