@@ -8,7 +8,7 @@
 //! - [`source`]: replication stream (transport: `pgwire-replication`) and SQL admin
 //!   (slot, publication, migrations, environment checks).
 //! - [`decode`]: pure pgoutput parser, relation cache, row → [`decode::OutboxEvent`].
-//! - [`route`]: pure routing: subject template, `destination_topics`, headers.
+//! - [`route`]: pure routing: subject template, rules file, `destination_topics`, headers.
 //! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.
 //! - [`progress`]: in-order ack tracker → the position safe to confirm.
 //! - [`checkpoint`]: persisted position (NATS KV) and stream-tail reconciliation for
