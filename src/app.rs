@@ -45,7 +45,17 @@ pub async fn run(
 ) -> Result<()> {
     let template = Template::parse(&cfg.routing.subject)
         .map_err(|e| Error::fatal(format!("config key routing.subject: {e}")))?;
-    let router = Router::new(template, &origin(&cfg)?).with_rules(cfg.routing.load_rules()?);
+    let prefix = if cfg.routing.subject_prefix.is_empty() {
+        None
+    } else {
+        Some(
+            Template::parse(&cfg.routing.subject_prefix)
+                .map_err(|e| Error::fatal(format!("config key routing.subject_prefix: {e}")))?,
+        )
+    };
+    let router = Router::new(template, &origin(&cfg)?)
+        .with_rules(cfg.routing.load_rules()?)
+        .with_prefix(prefix);
     let mut confirmed: u64 = 0;
     let mut backoff = new_backoff();
     let mut last_error: Option<String> = None;

@@ -214,6 +214,10 @@ pub struct RoutingConfig {
     /// empty: the subject template alone. Relative paths are relative to the working
     /// directory.
     pub rules_file: String,
+    /// Every published subject must be this prefix or below it: a template such as
+    /// `"outbox"` (global) or `"tenants.{tenant_id}"` (per tenant), so no row can
+    /// publish into another tenant's or the system's subjects. Empty: not enforced.
+    pub subject_prefix: String,
 }
 
 impl Default for RoutingConfig {
@@ -222,6 +226,7 @@ impl Default for RoutingConfig {
             subject: "outbox.{aggregate_type}.{event_topic}".into(),
             dead_letter_prefix: "outbox.dlq".into(),
             rules_file: String::new(),
+            subject_prefix: String::new(),
         }
     }
 }
@@ -526,6 +531,15 @@ impl Config {
                 "e.g. \"outbox.{aggregate_type}.{event_topic}\"",
             )
         })?;
+        if !self.routing.subject_prefix.is_empty() {
+            crate::route::Template::parse(&self.routing.subject_prefix).map_err(|e| {
+                bad_key(
+                    "routing.subject_prefix",
+                    e,
+                    "e.g. \"outbox\" or \"tenants.{tenant_id}\"",
+                )
+            })?;
+        }
         crate::route::validate_subject(&self.routing.dead_letter_prefix).map_err(|e| {
             bad_key(
                 "routing.dead_letter_prefix",

@@ -124,3 +124,63 @@ async fn bad_rules_file_is_refused_naming_rule_and_field() {
         );
     }
 }
+
+/// An enforced per-tenant prefix: nothing a row asks for can publish outside its
+/// tenant's subjects; each refusal is dead-lettered with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforced_tenant_prefix_refuses_everything_outside_it() {
+    let env = Env::start_migrated().await;
+    env.write_config(
+        "[[streams]]\nname = \"TENANTS\"\nsubjects = [\"tenants.>\"]\n\
+         [routing]\nsubject = \"tenants.{tenant_id}.{event_topic}\"\nsubject_prefix = \"tenants.{tenant_id}\"\n",
+    );
+    let _relay = env.spawn_relay();
+    let long = format!("tenants.acme.{}", "x".repeat(300));
+    let hostile = [
+        ">".to_string(),
+        "$JS.API.STREAM.DELETE.OUTBOX".to_string(),
+        "tenants.other.orders".to_string(),
+        "tenants.acme..x".to_string(),
+        "tenants".to_string(),
+        long,
+    ];
+    let c = env.sql().await;
+    for d in &hostile {
+        c.execute(
+            "INSERT INTO outbox_events (event_topic, tenant_id, payload, destination_topics)
+             VALUES ('x', 'acme', '{}', jsonb_build_array($1::text))",
+            &[d],
+        )
+        .await
+        .unwrap();
+    }
+    c.batch_execute(
+        r#"INSERT INTO outbox_events (event_topic, tenant_id, payload, destination_topics)
+             VALUES ('x', 'acme', '{}', '["tenants.acme.ok"]');
+           INSERT INTO outbox_events (event_topic, tenant_id, payload) VALUES ('created', 'acme', '{}');"#,
+    )
+    .await
+    .unwrap();
+    let js = env.js().await;
+    let dead = wait_read(&js, STREAM, hostile.len() as u64).await;
+    assert!(
+        dead.iter().all(
+            |m| m.subject.starts_with("outbox.dlq.") && m.header("Outbox-Dlq-Reason").is_some()
+        ),
+        "{:?}",
+        subjects(&dead)
+    );
+    let reason = |i: usize| dead[i].header("Outbox-Dlq-Reason").unwrap_or("");
+    assert!(
+        reason(2).contains("outside the enforced prefix tenants.acme"),
+        "{}",
+        reason(2)
+    );
+    assert!(
+        reason(4).contains("outside the enforced prefix"),
+        "{}",
+        reason(4)
+    );
+    let ok = wait_read(&js, "TENANTS", 2).await;
+    assert_eq!(subjects(&ok), ["tenants.acme.ok", "tenants.acme.created"]);
+}

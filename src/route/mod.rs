@@ -54,6 +54,7 @@ pub struct Router {
     template: Template,
     headers: HeaderSet,
     rules: Option<rules::Rules>,
+    prefix: Option<Template>,
 }
 
 impl Router {
@@ -64,7 +65,42 @@ impl Router {
             template,
             headers: HeaderSet::new(origin),
             rules: None,
+            prefix: None,
         }
+    }
+
+    /// Refuse (dead-letter) every subject outside `prefix`, rendered per event.
+    pub fn with_prefix(mut self, prefix: Option<Template>) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
+    /// Dead-letters the envelopes whose subject is outside the enforced prefix.
+    fn enforce_prefix(&self, ev: &OutboxEvent, mut envs: Vec<Envelope>) -> Vec<Envelope> {
+        let Some(prefix) = &self.prefix else {
+            return envs;
+        };
+        let rendered = prefix.render(ev);
+        for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
+            let inside = match &rendered {
+                Ok(p) => {
+                    env.subject == *p
+                        || env
+                            .subject
+                            .strip_prefix(p.as_str())
+                            .is_some_and(|rest| rest.starts_with('.'))
+                }
+                Err(_) => false,
+            };
+            if !inside {
+                env.dead_letter = Some(match &rendered {
+                    Ok(p) => format!("subject {} is outside the enforced prefix {p}", env.subject),
+                    Err(e) => format!("enforced subject prefix: {e}"),
+                });
+                env.subject = sanitize_subject_for_dlq(&env.subject);
+            }
+        }
+        envs
     }
 
     /// Route by a rules file first; events no route matches use the template.
@@ -77,6 +113,16 @@ impl Router {
     /// transaction's message counter. Returns no envelope only when a rules file routed
     /// the event nowhere (every target's conditions false or sampled out, no fallback).
     pub fn route(&self, ev: &OutboxEvent, commit_lsn: u64, next_index: &mut u32) -> Vec<Envelope> {
+        let envs = self.route_unchecked(ev, commit_lsn, next_index);
+        self.enforce_prefix(ev, envs)
+    }
+
+    fn route_unchecked(
+        &self,
+        ev: &OutboxEvent,
+        commit_lsn: u64,
+        next_index: &mut u32,
+    ) -> Vec<Envelope> {
         let mut pos = move || {
             let p = Position {
                 commit_lsn,
