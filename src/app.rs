@@ -187,6 +187,26 @@ fn too_large(env: &Envelope, max_payload: usize) -> bool {
     env.payload.len() + headers + 16 > max_payload
 }
 
+/// A logical message with our prefix that is not an outbox event: published to the
+/// dead-letter subject as it is, named after its position.
+fn invalid_message_event(content: &bytes::Bytes, lsn: u64) -> decode::OutboxEvent {
+    decode::OutboxEvent {
+        id: bytes::Bytes::from(format!("msg-{}", crate::route::format_lsn(lsn))),
+        event_topic: bytes::Bytes::from_static(b"invalid_message"),
+        payload: content.clone(),
+        aggregate_type: None,
+        aggregate_id: None,
+        tenant_id: None,
+        source_bc: None,
+        destination_topics: None,
+        schema_id: None,
+        schema_version: None,
+        metadata: None,
+        occurred_at: None,
+        created_at: None,
+    }
+}
+
 /// The reason an `all_or_nothing` fan-out must go to the dead-letter subject as a
 /// whole: the first of its copies that would be dead-lettered.
 fn all_or_nothing_failure(envs: &[Envelope]) -> Option<String> {
@@ -503,7 +523,105 @@ impl Session<'_> {
                     .instrument(span)
                     .await?;
             }
-            Event::Message { .. } | Event::StoppedAt { .. } => {}
+            Event::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                let ours = !self.cfg.outbox.message_prefix.is_empty()
+                    && prefix == self.cfg.outbox.message_prefix;
+                if !ours {
+                    return Ok(());
+                }
+                if !transactional || st.tx.is_none() {
+                    // Not atomic with any business change: publishing it could announce
+                    // something that never committed, or lose it. Refused, said, counted.
+                    tracing::warn!(%prefix, lsn = %lsn, "non-transactional logical message refused: emit outbox events with pg_logical_emit_message(true, ...)");
+                    self.health.dead_lettered("non_transactional");
+                    return Ok(());
+                }
+                self.health.bytes_decoded.inc_by(content.len() as u64);
+                let (event, refused) =
+                    match decode::message::event_from_message(&content, lsn.as_u64()) {
+                        Ok(ev) => (ev, None),
+                        Err(reason) => {
+                            (invalid_message_event(&content, lsn.as_u64()), Some(reason))
+                        }
+                    };
+                let span = st
+                    .tx
+                    .as_ref()
+                    .map_or_else(tracing::Span::none, |t| t.span.clone());
+                self.publish_event(&event, refused, st, reconciler, sink)
+                    .instrument(span)
+                    .await?;
+            }
+            Event::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Route one event (a row, or a table-less logical message) and publish its
+    /// envelopes; `refused` dead-letters all of them with that reason.
+    async fn publish_event(
+        &mut self,
+        event: &decode::OutboxEvent,
+        refused: Option<String>,
+        st: &mut State,
+        reconciler: &mut Reconciler,
+        sink: &mut Sink,
+    ) -> Result<()> {
+        let Some(open) = st.tx.as_mut() else {
+            return Err(Error::transient("protocol: event outside a transaction"));
+        };
+        self.health.event_read();
+        let committed_at_us = open.committed_at_us;
+        let mut envs = self.router.route(event, open.commit_lsn, &mut open.index);
+        if let Some(reason) = refused {
+            for env in envs.iter_mut() {
+                env.dead_letter = Some(reason.clone());
+            }
+        }
+        // Decide poison and destination before publishing anything, so a replay
+        // decides the same, reconciliation knows which stream each message went
+        // to, and an all-or-nothing fan-out can be refused as a whole.
+        for env in envs.iter_mut() {
+            if env.dead_letter.is_none() && too_large(env, st.max_payload) {
+                env.dead_letter = Some(format!(
+                    "message of {} bytes exceeds the server's max_payload of {} bytes",
+                    env.payload.len(),
+                    st.max_payload
+                ));
+            }
+            env.stream = self.destination(env, &mut st.index, sink).await?;
+            env.committed_at_us = committed_at_us;
+        }
+        if let Some(reason) = all_or_nothing_failure(&envs) {
+            for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
+                env.dead_letter = Some(format!(
+                    "all_or_nothing: another target of the event failed: {reason}"
+                ));
+                env.stream = self.destination(env, &mut st.index, sink).await?;
+            }
+        }
+        for env in envs {
+            let ticket = st.tracker.push_message();
+            if reconciler.already_stored(Some(&env.stream), env.pos) {
+                st.tracker.ack(ticket);
+                self.health.skipped_replays.inc();
+                continue;
+            }
+            reconciler.passed(env.pos);
+            if self.null_sink {
+                st.tracker.ack(ticket);
+                self.health
+                    .published(&env.stream, &env.subject, tenant_of(&env));
+                continue;
+            }
+            if let Some(done) = sink.publish(ticket, env).await? {
+                st.tracker.ack(done);
+            }
         }
         Ok(())
     }
@@ -532,52 +650,8 @@ impl Session<'_> {
                         "fix [outbox.columns] or the table, then restart; the row is not skipped",
                     )
                 })?;
-                let Some(open) = st.tx.as_mut() else {
-                    return Err(Error::transient("protocol: insert outside a transaction"));
-                };
-                self.health.event_read();
-                let committed_at_us = open.committed_at_us;
-                let mut envs = self.router.route(&event, open.commit_lsn, &mut open.index);
-                // Decide poison and destination before publishing anything, so a replay
-                // decides the same, reconciliation knows which stream each message went
-                // to, and an all-or-nothing fan-out can be refused as a whole.
-                for env in envs.iter_mut() {
-                    if env.dead_letter.is_none() && too_large(env, st.max_payload) {
-                        env.dead_letter = Some(format!(
-                            "message of {} bytes exceeds the server's max_payload of {} bytes",
-                            env.payload.len(),
-                            st.max_payload
-                        ));
-                    }
-                    env.stream = self.destination(env, &mut st.index, sink).await?;
-                    env.committed_at_us = committed_at_us;
-                }
-                if let Some(reason) = all_or_nothing_failure(&envs) {
-                    for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
-                        env.dead_letter = Some(format!(
-                            "all_or_nothing: another target of the event failed: {reason}"
-                        ));
-                        env.stream = self.destination(env, &mut st.index, sink).await?;
-                    }
-                }
-                for env in envs {
-                    let ticket = st.tracker.push_message();
-                    if reconciler.already_stored(Some(&env.stream), env.pos) {
-                        st.tracker.ack(ticket);
-                        self.health.skipped_replays.inc();
-                        continue;
-                    }
-                    reconciler.passed(env.pos);
-                    if self.null_sink {
-                        st.tracker.ack(ticket);
-                        self.health
-                            .published(&env.stream, &env.subject, tenant_of(&env));
-                        continue;
-                    }
-                    if let Some(done) = sink.publish(ticket, env).await? {
-                        st.tracker.ack(done);
-                    }
-                }
+                self.publish_event(&event, None, st, reconciler, sink)
+                    .await?;
             }
             Ok(PgMessage::Truncate { .. }) => {
                 tracing::warn!("truncate seen on the publication: truncates publish no events");

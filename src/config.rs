@@ -156,6 +156,9 @@ pub struct OutboxConfig {
     pub table: String,
     /// Column names of the table, for layouts other than the default (e.g. Debezium's).
     pub columns: ColumnMap,
+    /// Prefix of transactional `pg_logical_emit_message` calls that carry table-less
+    /// events (routed like rows). Empty: logical messages are ignored.
+    pub message_prefix: String,
 }
 
 impl Default for OutboxConfig {
@@ -163,6 +166,7 @@ impl Default for OutboxConfig {
         Self {
             table: "public.outbox_events".into(),
             columns: ColumnMap::default(),
+            message_prefix: "outbox".into(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! per-target headers and the all-or-nothing strategy (`[routing] rules_file`).
 
 use crate::harness::*;
+use crate::support::wait_for;
 
 const RULES: &str = r#"
 [[route]]
@@ -183,4 +184,57 @@ async fn enforced_tenant_prefix_refuses_everything_outside_it() {
     );
     let ok = wait_read(&js, "TENANTS", 2).await;
     assert_eq!(subjects(&ok), ["tenants.acme.ok", "tenants.acme.created"]);
+}
+
+/// Table-less events: a transactional `pg_logical_emit_message` with the configured
+/// prefix is routed like a row (payload byte for byte); a non-transactional one is
+/// refused and counted; one that is not an event object is dead-lettered with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_messages_are_table_less_events() {
+    let env = Env::start_migrated().await;
+    let _relay = env.spawn_relay();
+    let c = env.sql().await;
+    c.batch_execute(
+        r#"SELECT pg_logical_emit_message(false, 'outbox', '{"event_topic": "nope", "payload": {}}');
+           BEGIN;
+           SELECT pg_logical_emit_message(true, 'outbox',
+             '{"id": "e-1", "event_topic": "created", "aggregate_type": "order", "tenant_id": "acme", "payload": {"b": 1,  "a": 2}}');
+           SELECT pg_logical_emit_message(true, 'other-app', '{"ignored": true}');
+           SELECT pg_logical_emit_message(true, 'outbox', 'not json');
+           SELECT pg_logical_emit_message(true, 'outbox', '{"event_topic": "paid", "aggregate_type": "order", "payload": [1]}');
+           COMMIT;"#,
+    )
+    .await
+    .unwrap();
+    let js = env.js().await;
+    let msgs = wait_read(&js, STREAM, 3).await;
+    assert_eq!(msgs[0].subject, "outbox.order.created");
+    assert_eq!(msgs[0].msg_id(), "e-1");
+    assert_eq!(msgs[0].header("Outbox-Tenant-Id"), Some("acme"));
+    assert_eq!(msgs[0].payload, br#"{"b": 1,  "a": 2}"#, "byte for byte");
+    assert!(
+        msgs[1].subject.starts_with("outbox.dlq."),
+        "{}",
+        msgs[1].subject
+    );
+    assert!(
+        msgs[1]
+            .header("Outbox-Dlq-Reason")
+            .is_some_and(|r| r.contains("not an outbox event object")),
+        "{:?}",
+        msgs[1].header("Outbox-Dlq-Reason")
+    );
+    assert_eq!(msgs[2].subject, "outbox.order.paid");
+    assert!(msgs[2].msg_id().starts_with("msg-"), "{}", msgs[2].msg_id());
+    let port = env.http_port;
+    wait_for(
+        "non-transactional message counted",
+        DEADLINE,
+        || async move {
+            http_get(port, "/metrics").await.is_some_and(|(_, b)| {
+                b.contains(r#"outbox_relay_events_dead_lettered_total{kind="non_transactional"} 1"#)
+            })
+        },
+    )
+    .await;
 }

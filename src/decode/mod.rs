@@ -11,6 +11,8 @@
 //! - [`event`]: [`ColumnMap`] (config: which column holds which field),
 //!   [`RowMapping`] (those names resolved to tuple positions) and
 //!   [`OutboxEvent`] (one mapped row).
+//! - [`message`]: a transactional logical message (`pg_logical_emit_message`) as an
+//!   [`OutboxEvent`], for table-less events.
 //!
 //! A row is relayed as: `parse` → `PgMessage::Insert` →
 //! `RelationCache::mapping(relation_id)` → `RowMapping::event(&tuple)`.
@@ -23,6 +25,7 @@
 //! that do not fit the table's columns a [`MapError`].
 
 pub mod event;
+pub mod message;
 pub mod pgoutput;
 pub mod relation;
 
