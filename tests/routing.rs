@@ -26,6 +26,14 @@ subject = "outbox.orders.never"
 sampling_rate = 0.0
 
 [[route]]
+name = "refunds"
+match = { aggregate_type = "refund" }
+fallback = { subject = "outbox.refunds.unrouted" }
+
+[[route.targets]]
+subject = "outbox.refunds.{aggregate_id}"
+
+[[route]]
 name = "payments"
 match = { aggregate_type = "payment" }
 strategy = "all_or_nothing"
@@ -58,12 +66,14 @@ async fn rules_route_transform_sample_and_fall_back() {
            INSERT INTO outbox_events (event_topic, aggregate_type, payload)
              VALUES ('paid', 'payment', '{"amount": 1}');
            INSERT INTO outbox_events (event_topic, aggregate_type, payload)
-             VALUES ('created', 'user', '{"k": 1}');"#,
+             VALUES ('created', 'user', '{"k": 1}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             VALUES ('issued', 'refund', '{"k": 2}');"#,
     )
     .await
     .unwrap();
     let js = env.js().await;
-    let msgs = wait_read(&js, STREAM, 6).await;
+    let msgs = wait_read(&js, STREAM, 7).await;
     assert_eq!(
         subjects(&msgs),
         [
@@ -77,6 +87,8 @@ async fn rules_route_transform_sample_and_fall_back() {
             "outbox.dlq.nostream.payments",
             // No route for users: the subject template.
             "outbox.user.created",
+            // Refund without aggregate_id: its target cannot render, the fallback takes it.
+            "outbox.refunds.unrouted",
         ]
     );
     let big: serde_json::Value = serde_json::from_slice(&msgs[0].payload).unwrap();

@@ -139,6 +139,7 @@ impl Router {
             && let Some(rules) = &self.rules
             && let rules::Decision::Routed { targets, .. } = rules.decide(ev)
         {
+            let targets = with_fallbacks(rules, ev, targets);
             return self.rule_envelopes(ev, targets, &mut pos);
         }
         let targets = match &ev.destination_topics {
@@ -224,6 +225,34 @@ impl Router {
             all_or_nothing: false,
         }
     }
+}
+
+/// Under `best_effort`, a target whose subject or transform failed (permanently: a
+/// replay fails the same way) is replaced by its route's fallback, when there is one and
+/// the fallback itself works; otherwise it stays, to be dead-lettered.
+fn with_fallbacks(
+    rules: &rules::Rules,
+    ev: &OutboxEvent,
+    targets: Vec<rules::RoutedTarget>,
+) -> Vec<rules::RoutedTarget> {
+    let mut out: Vec<rules::RoutedTarget> = Vec::with_capacity(targets.len());
+    for t in targets {
+        let keep = t.subject.is_ok()
+            || t.strategy != rules::Strategy::BestEffort
+            || t.target == rules::TargetRef::Fallback;
+        let t = match rules.fallback(t.route, ev) {
+            Some(f) if !keep && f.subject.is_ok() => f,
+            _ => t,
+        };
+        // Several failed targets share one fallback copy.
+        if t.target == rules::TargetRef::Fallback
+            && out.iter().any(|o| o.target == rules::TargetRef::Fallback)
+        {
+            continue;
+        }
+        out.push(t);
+    }
+    out
 }
 
 fn is_json_null(raw: &Bytes) -> bool {
