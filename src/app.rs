@@ -137,9 +137,11 @@ fn slot_busy_given_up(since: &mut Option<Instant>, timeout: Duration) -> bool {
 }
 
 fn new_backoff() -> backon::ExponentialBackoff {
+    // backon's jitter adds up to 100% of the delay, so a 5 s cap keeps every wait
+    // within 200 ms .. 10 s, as documented.
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
+        .with_max_delay(Duration::from_secs(5))
         .with_jitter()
         .without_max_times()
         .build()
@@ -664,5 +666,49 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_within_the_documented_range() {
+        let delays: Vec<Duration> = new_backoff().take(60).collect();
+        assert_eq!(delays.len(), 60, "retries forever");
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(200) && *d <= Duration::from_secs(10)),
+            "{delays:?}"
+        );
+    }
+
+    #[test]
+    fn all_or_nothing_fails_as_a_whole_only_when_one_copy_fails() {
+        let env = |aon: bool, dead: Option<&str>| Envelope {
+            pos: Default::default(),
+            subject: "s".into(),
+            headers: Default::default(),
+            payload: Default::default(),
+            dead_letter: dead.map(str::to_string),
+            stream: String::new(),
+            committed_at_us: 0,
+            all_or_nothing: aon,
+        };
+        assert_eq!(
+            all_or_nothing_failure(&[env(true, None), env(true, Some("no stream"))]),
+            Some("no stream".to_string())
+        );
+        assert_eq!(
+            all_or_nothing_failure(&[env(true, None), env(true, None)]),
+            None
+        );
+        assert_eq!(
+            all_or_nothing_failure(&[env(false, None), env(false, Some("x"))]),
+            None,
+            "best effort: only the failing copy is dead-lettered"
+        );
     }
 }
