@@ -192,21 +192,11 @@ fn too_large(env: &Envelope, max_payload: usize) -> bool {
 /// A logical message with our prefix that is not an outbox event: published to the
 /// dead-letter subject as it is, named after its position.
 fn invalid_message_event(content: &bytes::Bytes, lsn: u64) -> decode::OutboxEvent {
-    decode::OutboxEvent {
-        id: bytes::Bytes::from(format!("msg-{}", crate::route::format_lsn(lsn))),
-        event_topic: bytes::Bytes::from_static(b"invalid_message"),
-        payload: content.clone(),
-        aggregate_type: None,
-        aggregate_id: None,
-        tenant_id: None,
-        source_bc: None,
-        destination_topics: None,
-        schema_id: None,
-        schema_version: None,
-        metadata: None,
-        occurred_at: None,
-        created_at: None,
-    }
+    decode::OutboxEvent::new(
+        bytes::Bytes::from(format!("msg-{}", crate::route::format_lsn(lsn))),
+        bytes::Bytes::from_static(b"invalid_message"),
+        content.clone(),
+    )
 }
 
 /// The reason an `all_or_nothing` fan-out must go to the dead-letter subject as a

@@ -238,6 +238,25 @@ pub struct OutboxEvent {
 }
 
 impl OutboxEvent {
+    /// An event with only the required fields set.
+    pub fn new(id: Bytes, event_topic: Bytes, payload: Bytes) -> OutboxEvent {
+        OutboxEvent {
+            id,
+            event_topic,
+            payload,
+            aggregate_type: None,
+            aggregate_id: None,
+            tenant_id: None,
+            source_bc: None,
+            destination_topics: None,
+            schema_id: None,
+            schema_version: None,
+            metadata: None,
+            occurred_at: None,
+            created_at: None,
+        }
+    }
+
     /// `id` as text. [`RowMapping::event`] rejects non-UTF-8 ids, so this is
     /// empty only for an event built by hand with invalid bytes (the fields
     /// are public, hence the re-check rather than an unchecked conversion).
@@ -495,21 +514,11 @@ mod tests {
 
     #[test]
     fn hand_built_invalid_event_does_not_panic() {
-        let ev = OutboxEvent {
-            id: Bytes::from_static(b"\xff"),
-            event_topic: Bytes::from_static(b"t"),
-            payload: Bytes::new(),
-            aggregate_type: None,
-            aggregate_id: None,
-            tenant_id: None,
-            source_bc: None,
-            destination_topics: None,
-            schema_id: None,
-            schema_version: None,
-            metadata: None,
-            occurred_at: None,
-            created_at: None,
-        };
+        let ev = OutboxEvent::new(
+            Bytes::from_static(b"\xff"),
+            Bytes::from_static(b"t"),
+            Bytes::new(),
+        );
         assert_eq!(ev.id_str(), "");
         assert_eq!(ev.event_topic_str(), "t");
     }
