@@ -189,16 +189,6 @@ fn too_large(env: &Envelope, max_payload: usize) -> bool {
     env.payload.len() + headers + 16 > max_payload
 }
 
-/// A logical message with our prefix that is not an outbox event: published to the
-/// dead-letter subject as it is, named after its position.
-fn invalid_message_event(content: &bytes::Bytes, lsn: u64) -> decode::OutboxEvent {
-    decode::OutboxEvent::new(
-        bytes::Bytes::from(format!("msg-{}", crate::route::format_lsn(lsn))),
-        bytes::Bytes::from_static(b"invalid_message"),
-        content.clone(),
-    )
-}
-
 /// The reason an `all_or_nothing` fan-out must go to the dead-letter subject as a
 /// whole: the first of its copies that would be dead-lettered.
 fn all_or_nothing_failure(envs: &[Envelope]) -> Option<String> {
@@ -297,7 +287,7 @@ impl Session<'_> {
             tracing::info!(slot = %slot, "replication slot created");
         }
         let mut reconciler = Reconciler::load(&js, &origin).await?;
-        let mut sink = Sink::new(js.clone(), cfg, self.health.clone());
+        let mut sink = Sink::new(js.clone(), cfg, self.health.clone(), &origin);
         // Resume from the later of what PostgreSQL and the checkpoint know; the server
         // itself never goes below the slot's confirmed position.
         let start = known;
@@ -537,9 +527,10 @@ impl Session<'_> {
                 let (event, refused) =
                     match decode::message::event_from_message(&content, lsn.as_u64()) {
                         Ok(ev) => (ev, None),
-                        Err(reason) => {
-                            (invalid_message_event(&content, lsn.as_u64()), Some(reason))
-                        }
+                        Err(reason) => (
+                            decode::message::invalid_message_event(&content, lsn.as_u64()),
+                            Some(reason),
+                        ),
                     };
                 let span = st
                     .tx

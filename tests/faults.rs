@@ -553,14 +553,7 @@ async fn slot_held_by_another_process_is_named() {
     let c = env.sql().await;
     insert_tx(&c, 1, "x").await;
     wait_count(&env.js().await, STREAM, 1).await;
-    let holder: i32 = c
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let holder = slot_holder_pid(&c).await;
     let text = std::fs::read_to_string(env.config_path())
         .unwrap()
         .replace(

@@ -391,6 +391,17 @@ pub async fn insert_tx(c: &tokio_postgres::Client, n: i64, topic: &str) -> Vec<S
     .collect()
 }
 
+/// PID of the walsender streaming slot `outbox_relay` (the relay's replication backend).
+pub async fn slot_holder_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+        &[],
+    )
+    .await
+    .expect("slot outbox_relay is active")
+    .get(0)
+}
+
 /// The single bigint of `sql` (a count, a position difference).
 pub async fn query_i64(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[])

@@ -287,14 +287,7 @@ async fn silent_stall_fails_readiness() {
     insert_tx(&c, 1, "before").await;
     wait_count(&env.js().await, STREAM, 1).await;
     wait_http(port, "/readyz", 200, "").await;
-    let pid: i32 = c
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let pid = slot_holder_pid(&c).await;
     let signal = |sig: &str| send_signal(pid, sig);
     signal("-STOP");
     insert_tx(&c, 20_000, "during").await;

@@ -44,6 +44,21 @@ struct Shape<'a> {
     metadata: Option<&'a RawValue>,
 }
 
+/// The id of a message event without one: its WAL position, the same on every replay.
+fn position_id(lsn: u64) -> Bytes {
+    Bytes::from(format!("msg-{}", crate::route::format_lsn(lsn)))
+}
+
+/// A message with our prefix that is not an outbox event, as an event to dead-letter
+/// as it is (named after its position).
+pub fn invalid_message_event(content: &Bytes, lsn: u64) -> OutboxEvent {
+    OutboxEvent::new(
+        position_id(lsn),
+        Bytes::from_static(b"invalid_message"),
+        content.clone(),
+    )
+}
+
 /// The event in a logical message's `content`, emitted at WAL position `lsn`.
 pub fn event_from_message(content: &Bytes, lsn: u64) -> Result<OutboxEvent, String> {
     let shape: Shape<'_> = serde_json::from_slice(content).map_err(|e| {
@@ -71,7 +86,7 @@ pub fn event_from_message(content: &Bytes, lsn: u64) -> Result<OutboxEvent, Stri
         .ok_or("logical message field event_topic must be a non-empty string")?;
     let id = match text("id", shape.id)? {
         Some(id) => id,
-        None => Bytes::from(format!("msg-{}", crate::route::format_lsn(lsn))),
+        None => position_id(lsn),
     };
     Ok(OutboxEvent {
         id,

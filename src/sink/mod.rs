@@ -129,14 +129,15 @@ pub fn jetstream(client: async_nats::Client, cfg: &Config) -> jetstream::Context
 }
 
 impl Sink {
-    pub fn new(js: jetstream::Context, cfg: &Config, health: Arc<Health>) -> Self {
+    /// `origin` is this source's `Outbox-Origin` (see [`crate::app::origin`]).
+    pub fn new(js: jetstream::Context, cfg: &Config, health: Arc<Health>, origin: &str) -> Self {
         Self {
             js,
             dlq_prefix: cfg.routing.dead_letter_prefix.clone(),
             acks: FuturesUnordered::new(),
             health,
             last_counter: None,
-            origin: None,
+            origin: <HeaderValue as FromStr>::from_str(origin).ok(),
             in_flight_bytes: 0,
         }
     }
@@ -163,9 +164,6 @@ impl Sink {
         }
         let headers = std::mem::take(&mut env.headers);
         let msg_id = headers.get(headers::MSG_ID).cloned();
-        if self.origin.is_none() {
-            self.origin = headers.get(headers::ORIGIN).cloned();
-        }
         let counter = self.counter_for(&env, &headers);
         let sent = self
             .js
