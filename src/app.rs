@@ -204,7 +204,8 @@ fn all_or_nothing_failure(envs: &[Envelope]) -> Option<String> {
 /// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the
 /// checkpoint key.
 pub fn origin(cfg: &Config) -> Result<String> {
-    let pc = admin::pg_config(cfg)?;
+    let s = crate::source::settings::PgSettings::parse(cfg)?;
+    let pc = &s.pg;
     let db = pc.get_dbname().or(pc.get_user()).unwrap_or("postgres");
     Ok(format!("{db}/{}", cfg.postgres.slot))
 }
@@ -243,7 +244,8 @@ impl Session<'_> {
             }
             self.notes_logged = true;
         }
-        let nats = sink::connect(cfg).await?;
+        let denials = Arc::new(sink::Denials::default());
+        let nats = sink::connect_with(cfg, denials.clone()).await?;
         let max_payload = nats.server_info().max_payload;
         let nats_client = nats.clone();
         let js = sink::jetstream(nats, cfg);
@@ -287,7 +289,8 @@ impl Session<'_> {
             tracing::info!(slot = %slot, "replication slot created");
         }
         let mut reconciler = Reconciler::load(&js, &origin).await?;
-        let mut sink = Sink::new(js.clone(), cfg, self.health.clone(), &origin);
+        let mut sink =
+            Sink::new(js.clone(), cfg, self.health.clone(), &origin).with_denials(denials);
         // Resume from the later of what PostgreSQL and the checkpoint know; the server
         // itself never goes below the slot's confirmed position.
         let start = known;

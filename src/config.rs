@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::ColumnMap;
 use crate::error::{Error, Result};
+pub use crate::secret::{Secret, SecretUrl, redact_url};
 
 /// Environment variables with this prefix override config keys.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
@@ -135,16 +136,36 @@ pub struct PostgresConfig {
     /// stopping with the holder's PID. `"0s"` waits forever (standby mode).
     #[serde(with = "humantime_serde")]
     pub slot_busy_timeout: Duration,
+    /// libpq's `sslmode`: `disable`, `prefer`, `require`, `verify-ca`, `verify-full`.
+    /// Empty: the URL's `sslmode` parameter, else `prefer`.
+    pub sslmode: String,
+    /// CA certificates (PEM) that the server's certificate must chain to. Empty: the
+    /// URL's `sslrootcert`, else the Mozilla roots.
+    pub sslrootcert: String,
+    /// Client certificate (PEM) and its key, for `clientcert` authentication.
+    pub sslcert: String,
+    pub sslkey: String,
+    /// The password, instead of putting it in the URL; usually given as
+    /// `OUTBOX_RELAY_POSTGRES_PASSWORD`. Wins over `password_file` and the URL.
+    pub password: Secret,
+    /// A file holding the password (a mounted secret); trailing newlines are ignored.
+    pub password_file: String,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
-            url: SecretUrl("postgres://postgres@127.0.0.1:5432/postgres".into()),
+            url: SecretUrl::new("postgres://postgres@127.0.0.1:5432/postgres"),
             slot: "outbox_relay".into(),
             publication: "outbox_relay".into(),
             status_interval: Duration::from_secs(1),
             slot_busy_timeout: Duration::from_secs(60),
+            sslmode: String::new(),
+            sslrootcert: String::new(),
+            sslcert: String::new(),
+            sslkey: String::new(),
+            password: Secret::default(),
+            password_file: String::new(),
         }
     }
 }
@@ -194,15 +215,40 @@ pub struct NatsConfig {
     /// How long to wait for one PubAck before the publish counts as failed (transient).
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
+    /// Token authentication (or `nats://TOKEN@host` in the URL).
+    pub token: Secret,
+    /// User and password authentication (or `nats://user:password@host`).
+    pub user: String,
+    pub password: Secret,
+    /// A file holding an NKey seed (`SU…`): the relay signs the server's nonce with it.
+    pub nkey_seed_file: String,
+    /// A `.creds` file (user JWT + NKey seed), for servers in operator/JWT mode.
+    pub creds_file: String,
+    /// CA certificates (PEM) the server's certificate must chain to.
+    pub tls_ca_file: String,
+    /// Client certificate (PEM) and its key, for servers that verify clients.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    /// Refuse to connect without TLS (implied by a `tls://` URL).
+    pub tls_required: bool,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
-            url: SecretUrl("nats://127.0.0.1:4222".into()),
+            url: SecretUrl::new("nats://127.0.0.1:4222"),
             max_in_flight: 4096,
             max_in_flight_bytes: 32 << 20,
             ack_timeout: Duration::from_secs(5),
+            token: Secret::default(),
+            user: String::new(),
+            password: Secret::default(),
+            nkey_seed_file: String::new(),
+            creds_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_required: false,
         }
     }
 }
@@ -326,74 +372,6 @@ fn default_duplicate_window() -> Duration {
     Duration::from_secs(120)
 }
 
-/// A URL that may carry a password or token. Prints redacted; [`SecretUrl::expose`]
-/// is the one way to the real value, used only to connect.
-#[derive(Clone, Deserialize, Serialize, PartialEq)]
-#[serde(transparent)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.redacted())
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-/// Replace the password (or a lone token in the user part) of a URL with `***`, and
-/// `password=` query parameters too. Unparseable input is reduced to its scheme.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            } else if raw.starts_with("nats") && !u.username().is_empty() {
-                // nats://TOKEN@host: the user part is the secret.
-                let _ = u.set_username("***");
-            }
-            let pairs: Vec<(String, String)> = u
-                .query_pairs()
-                .map(|(k, v)| {
-                    let secret = matches!(
-                        k.as_ref(),
-                        "password" | "pass" | "token" | "sslpassword" | "nkey" | "jwt"
-                    );
-                    let v = if secret {
-                        "***".to_string()
-                    } else {
-                        v.into_owned()
-                    };
-                    (k.into_owned(), v)
-                })
-                .collect();
-            if !pairs.is_empty() {
-                u.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            u.to_string()
-        }
-        Err(_) => match raw.split_once("://") {
-            Some((scheme, _)) => format!("{scheme}://***"),
-            None => "***".into(),
-        },
-    }
-}
-
 impl Config {
     /// Read the file (if any), apply environment overrides, validate.
     pub fn load(path: Option<&Path>) -> Result<Config> {
@@ -439,17 +417,7 @@ impl Config {
                 "use postgres://user:password@host:5432/database",
             ));
         }
-        self.postgres
-            .url
-            .expose()
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| {
-                bad_key(
-                    "postgres.url",
-                    e,
-                    "use postgres://user:password@host:5432/database",
-                )
-            })?;
+        crate::source::settings::PgSettings::parse(self)?;
         check_ident("postgres.slot", &self.postgres.slot)?;
         check_ident("postgres.publication", &self.postgres.publication)?;
         if self.postgres.status_interval.is_zero() {
@@ -639,7 +607,7 @@ impl Config {
     }
 }
 
-fn bad_key(key: &str, problem: impl fmt::Display, hint: &str) -> Error {
+pub fn bad_key(key: &str, problem: impl fmt::Display, hint: &str) -> Error {
     Error::fatal(format!("config key {key}: {problem}")).hint(hint.to_string())
 }
 
@@ -930,23 +898,5 @@ listen = "127.0.0.1:9187"
         cfg.http.listen = "nowhere".into();
         assert!(cfg.validate().unwrap_err().message.contains("http.listen"));
         Config::default().validate().unwrap();
-    }
-
-    #[test]
-    fn secrets_are_redacted() {
-        let u = SecretUrl::new("postgres://app:s3cret-pw@db:5432/app?sslmode=disable&password=x2");
-        let shown = format!("{u} {u:?}");
-        assert!(
-            !shown.contains("s3cret-pw") && !shown.contains("x2"),
-            "{shown}"
-        );
-        assert!(shown.contains("app:***@db"), "{shown}");
-        let n = SecretUrl::new("nats://tok3n@127.0.0.1:4222");
-        assert!(!n.to_string().contains("tok3n"));
-        let n = SecretUrl::new("nats://user:pw9@127.0.0.1:4222");
-        assert!(!format!("{n:?}").contains("pw9"));
-        let mut cfg = Config::default();
-        cfg.postgres.url = SecretUrl::new("postgres://u:hunter2@h/db");
-        assert!(!format!("{cfg:?}").contains("hunter2"));
     }
 }

@@ -103,11 +103,12 @@ pub fn from_pg(err: &tokio_postgres::Error) -> Error {
     }
     // No SQLSTATE: the connection failed or closed. The Display of tokio-postgres
     // errors never includes the password.
-    Error::transient(format!(
-        "postgresql connection: {}",
-        lower(&err.to_string())
-    ))
-    .hint("check that PostgreSQL is running and reachable at postgres.url")
+    let text = lower(&with_causes(err));
+    if let Some(e) = pg_tls_problem("postgresql connection", &text) {
+        return e;
+    }
+    Error::transient(format!("postgresql connection: {text}"))
+        .hint("check that PostgreSQL is running and reachable at postgres.url")
 }
 
 /// Classify an error of the replication transport.
@@ -146,8 +147,46 @@ pub fn from_repl(err: &pgwire_replication::PgWireError) -> Error {
         return Error::fatal(format!("replication: {text}"))
             .hint("check the user and password in postgres.url and pg_hba.conf (a `replication` line may be needed)");
     }
+    if let Some(e) = pg_tls_problem("replication connection", &text) {
+        return e;
+    }
     Error::transient(format!("replication connection: {text}"))
         .hint("check that PostgreSQL is running and reachable at postgres.url")
+}
+
+/// A certificate the relay refuses, or a server without the TLS the config demands, is
+/// a setting to fix, not an outage to wait out: fatal, with the keys that decide it.
+/// (A connection reset during a handshake says neither, and stays transient.)
+fn pg_tls_problem(what: &str, text: &str) -> Option<Error> {
+    let lc = text.to_lowercase();
+    let cert = lc.contains("certificate");
+    let no_tls = lc.contains("does not support tls") || lc.contains("tls config error");
+    if !(cert || no_tls) {
+        return None;
+    }
+    let hint = if cert {
+        "the server's certificate must chain to a CA in postgres.sslrootcert (and, under \
+         sslmode=verify-full, name the host of postgres.url); see docs/security.md"
+    } else {
+        "enable ssl on the server, or lower postgres.sslmode (see docs/security.md)"
+    };
+    Some(Error::fatal(format!("{what}: {text}")).hint(hint))
+}
+
+/// An error's text followed by each cause its Display leaves out (tokio-postgres shows
+/// "error performing TLS handshake" but keeps the certificate problem in `source()`).
+pub fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// PostgreSQL and NATS error texts start with capitals; ours are lowercase throughout.

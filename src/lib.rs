@@ -5,6 +5,7 @@
 //!
 //! - [`config`]: typed TOML config, `OUTBOX_RELAY_*` env overrides, validation naming keys.
 //! - [`error`]: transient vs fatal errors, each with a hint for the operator.
+//! - [`secret`]: passwords, tokens and URLs that print as `***`.
 //! - [`source`]: replication stream (transport: `pgwire-replication`) and SQL admin
 //!   (slot, publication, migrations, environment checks).
 //! - [`decode`]: pure pgoutput parser, relation cache, row → [`decode::OutboxEvent`].
@@ -29,5 +30,14 @@ pub mod metrics;
 pub mod monitor;
 pub mod progress;
 pub mod route;
+pub mod secret;
 pub mod sink;
 pub mod source;
+
+/// Make `ring` the process's TLS crypto provider. rustls is built with two providers
+/// here (a dependency enables `aws-lc-rs` by default), and then refuses to guess:
+/// async-nats builds its TLS config from the process default, so without this a TLS
+/// connection to NATS would panic. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

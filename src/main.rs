@@ -43,6 +43,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    outbox_relay::install_tls_provider();
     let args = Args::parse();
     let cfg = match Config::load(args.config.as_deref()) {
         Ok(c) => c,

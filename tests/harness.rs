@@ -89,8 +89,14 @@ subjects = ["outbox.>"]
 
     /// Run a CLI command to completion.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_env(args, &[])
+    }
+
+    /// [`Env::cli`] with extra environment variables (config overrides).
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let out = relay_command(&self.config_path())
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .expect("run outbox-relay");
         Output {

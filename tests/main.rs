@@ -6,6 +6,7 @@ mod faults;
 mod harness;
 mod ops;
 mod routing;
+mod security;
 mod support;
 
 /// Self-tests of the test support code: `cargo test --test main selftest`.

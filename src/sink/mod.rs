@@ -5,6 +5,7 @@
 //! Architecture invariant: a message counts as delivered only when JetStream acked it
 //! (or acked its dead letter). A core-NATS publish (no ack) is never used.
 
+pub mod auth;
 pub mod streams;
 
 use std::pin::Pin;
@@ -52,9 +53,31 @@ pub struct Sink {
     origin: Option<HeaderValue>,
     /// Payload bytes of the messages awaiting their PubAck.
     in_flight_bytes: usize,
+    /// Permission errors of this connection, to explain failed publishes.
+    denials: Arc<Denials>,
 }
 
-/// Connect to NATS. Initial connect failures are transient (NATS may be starting).
+/// Permission errors the server reported on this connection (`-ERR 'Permissions
+/// Violation for Publish to "…"'`). The server drops a denied publish without an
+/// answer, so all the relay would otherwise see is a PubAck timeout; with this the
+/// error says what was denied.
+#[derive(Default)]
+pub struct Denials(std::sync::Mutex<Option<String>>);
+
+impl Denials {
+    fn record(&self, text: String) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(text);
+        }
+    }
+    /// The last denial, if any since the last call.
+    pub fn take(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|mut last| last.take())
+    }
+}
+
+/// Connect to NATS. Refused credentials or certificates are fatal (a setting to fix);
+/// other connect failures are transient (NATS may be starting).
 ///
 /// Architecture invariant: a connection never outlives its first disconnect. async-nats
 /// would reconnect by itself and then write the publishes still queued in the client,
@@ -65,15 +88,21 @@ pub struct Sink {
 /// PubAck fails, the session ends, and the next session replays in order over a new
 /// connection from the first unacknowledged event.
 pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
+    connect_with(cfg, Arc::default()).await
+}
+
+/// [`connect`], recording the server's permission errors in `denials`.
+pub async fn connect_with(cfg: &Config, denials: Arc<Denials>) -> Result<async_nats::Client> {
+    crate::install_tls_provider();
     let url = cfg.nats.url.expose();
-    let auth = url_auth(url);
+    let credentials = Arc::new(auth::Credentials::load(cfg)?);
     let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    async_nats::ConnectOptions::with_auth_callback(move |_nonce| {
+    let opts = async_nats::ConnectOptions::with_auth_callback(move |nonce| {
         let first = !used.swap(true, std::sync::atomic::Ordering::SeqCst);
-        let auth = auth.clone();
+        let credentials = credentials.clone();
         async move {
             if first {
-                Ok(auth)
+                credentials.auth(&nonce)
             } else {
                 Err(async_nats::AuthError::new(
                     "this connection was lost; the relay opens a new session instead of reconnecting",
@@ -81,42 +110,51 @@ pub async fn connect(cfg: &Config) -> Result<async_nats::Client> {
             }
         }
     })
+    .event_callback(move |event| {
+        let denials = denials.clone();
+        async move {
+            if let async_nats::Event::ServerError(async_nats::ServerError::Other(text)) = event
+                && text.to_lowercase().contains("permissions violation")
+            {
+                tracing::error!(
+                    server_error = %text,
+                    "nats denied the relay: grant its nats user the permission named (docs/security.md)"
+                );
+                denials.record(text);
+            }
+        }
+    })
     .max_reconnects(1)
     .name("outbox-relay")
-    .connection_timeout(std::time::Duration::from_secs(5))
-    .connect(url)
-    .await
-    .map_err(|e| {
-        Error::transient(format!(
-            "connect to nats at {}: {e}",
-            cfg.nats.url.redacted()
-        ))
-        .hint("check that nats-server is running with -js and reachable at nats.url")
-    })
+    .connection_timeout(std::time::Duration::from_secs(5));
+    auth::apply_tls(opts, cfg)?
+        .connect(url)
+        .await
+        .map_err(|e| connect_error(cfg, &e))
 }
 
-/// Credentials in the URL (`nats://user:pass@host`, or `nats://token@host`), which
-/// async-nats does not read from the address itself.
-fn url_auth(url: &str) -> async_nats::Auth {
-    let mut auth = async_nats::Auth::new();
-    let Ok(u) = url::Url::parse(url) else {
-        return auth;
-    };
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let user = decode(u.username());
-    match u.password() {
-        Some(pass) if !user.is_empty() => {
-            auth.username = Some(user);
-            auth.password = Some(decode(pass));
-        }
-        _ if !user.is_empty() => auth.token = Some(user),
-        _ => {}
+const TLS_HINT: &str = "the server's certificate must chain to nats.tls_ca_file and name the host of \
+     nats.url; a server that asks for a client certificate needs nats.tls_cert_file and nats.tls_key_file";
+
+fn connect_error(cfg: &Config, e: &async_nats::ConnectError) -> Error {
+    use async_nats::ConnectErrorKind as K;
+    let msg = format!(
+        "connect to nats at {}: {}",
+        cfg.nats.url.redacted(),
+        crate::error::with_causes(e).to_lowercase()
+    );
+    // async-nats reports a refused certificate as an io error: look at the words too.
+    let certificate = msg.contains("certificate");
+    match e.kind() {
+        K::Tls => Error::fatal(msg).hint(TLS_HINT),
+        _ if certificate => Error::fatal(msg).hint(TLS_HINT),
+        K::AuthorizationViolation | K::Authentication => Error::fatal(msg).hint(
+            "check the relay's nats credentials (nats.user/password, nats.token, nats.nkey_seed_file, \
+             nats.creds_file or the URL) against the server's authorization block",
+        ),
+        _ => Error::transient(msg)
+            .hint("check that nats-server is running with -js and reachable at nats.url"),
     }
-    auth
 }
 
 pub fn jetstream(client: async_nats::Client, cfg: &Config) -> jetstream::Context {
@@ -139,7 +177,15 @@ impl Sink {
             last_counter: None,
             origin: <HeaderValue as FromStr>::from_str(origin).ok(),
             in_flight_bytes: 0,
+            denials: Arc::default(),
         }
+    }
+
+    /// Explain failed publishes with the permission errors of the connection
+    /// ([`connect_with`]).
+    pub fn with_denials(mut self, denials: Arc<Denials>) -> Self {
+        self.denials = denials;
+        self
     }
 
     pub fn context(&self) -> &jetstream::Context {
@@ -194,7 +240,7 @@ impl Sink {
                     .await
                     .map(|()| Some(ticket))
             }
-            Err(e) => Err(publish_error(&self.health, &e)),
+            Err(e) => Err(publish_error(&self.health, &self.denials, &e)),
         }
     }
 
@@ -257,7 +303,7 @@ impl Sink {
                 let ticket = sent.ticket;
                 self.dead_letter_sent(sent, &reason).await.map(|()| ticket)
             }
-            Err(e) => Err(publish_error(&self.health, &e)),
+            Err(e) => Err(publish_error(&self.health, &self.denials, &e)),
         })
     }
 
@@ -327,9 +373,9 @@ impl Sink {
                             .headers(headers),
                     )
                     .await
-                    .map_err(|e| publish_error(&self.health, &e))?
+                    .map_err(|e| publish_error(&self.health, &self.denials, &e))?
             }
-            Err(e) => return Err(publish_error(&self.health, &e)),
+            Err(e) => return Err(publish_error(&self.health, &self.denials, &e)),
         };
         match fut.await {
             Ok(_) => {
@@ -343,7 +389,7 @@ impl Sink {
                 "create a stream for \"{}.>\" (or add it to [[streams]]); the relay retries the event until it can be stored",
                 self.dlq_prefix
             ))),
-            Err(e) => Err(publish_error(&self.health, &e)),
+            Err(e) => Err(publish_error(&self.health, &self.denials, &e)),
         }
     }
 }
@@ -366,7 +412,11 @@ fn dead_letter_kind(reason: &str) -> &'static str {
     }
 }
 
-fn publish_error(health: &Health, e: &jetstream::context::PublishError) -> Error {
+fn publish_error(
+    health: &Health,
+    denials: &Denials,
+    e: &jetstream::context::PublishError,
+) -> Error {
     let kind = match e.kind() {
         PublishErrorKind::StreamNotFound => "stream_not_found",
         PublishErrorKind::TimedOut => "timed_out",
@@ -376,24 +426,13 @@ fn publish_error(health: &Health, e: &jetstream::context::PublishError) -> Error
         _ => "other",
     };
     health.publish_error(kind);
+    if let Some(denied) = denials.take() {
+        health.publish_error("permission_denied");
+        return Error::transient(format!("nats denied the relay: {}", denied.to_lowercase())).hint(
+            "grant the relay's nats user publish on the routed subjects and the dead-letter prefix, \
+             and subscribe on _INBOX.> (see docs/security.md); the relay keeps retrying meanwhile",
+        );
+    }
     Error::transient(format!("jetstream publish: {e}"))
         .hint("check nats-server health and the target stream; the relay replays from the first unacknowledged event")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::url_auth;
-
-    #[test]
-    fn url_credentials_become_auth() {
-        let a = url_auth("nats://relay:p%40ss@127.0.0.1:4222");
-        assert_eq!(a.username.as_deref(), Some("relay"));
-        assert_eq!(a.password.as_deref(), Some("p@ss"));
-        assert!(a.token.is_none());
-        let t = url_auth("nats://s3cr3t@127.0.0.1:4222");
-        assert_eq!(t.token.as_deref(), Some("s3cr3t"));
-        assert!(t.username.is_none());
-        let none = url_auth("nats://127.0.0.1:4222");
-        assert!(none.username.is_none() && none.token.is_none());
-    }
 }

@@ -1,29 +1,19 @@
 //! Ordinary SQL against the source database: connection, environment checks, slot and
 //! publication admin, migrations. Everything here is idempotent.
 
-use std::str::FromStr;
+use tokio_postgres::{Client, GenericClient};
 
-use tokio_postgres::{Client, GenericClient, NoTls};
+use super::settings::PgSettings;
 
 use crate::config::Config;
 use crate::error::{Error, Result, from_pg};
 
-/// Parsed connection settings; the password stays inside and never prints.
-pub fn pg_config(cfg: &Config) -> Result<tokio_postgres::Config> {
-    let mut c = tokio_postgres::Config::from_str(cfg.postgres.url.expose()).map_err(|e| {
-        Error::fatal(format!("config key postgres.url: {e}"))
-            .hint("use postgres://user:password@host:5432/database")
-    })?;
-    c.application_name("outbox-relay");
-    c.connect_timeout(std::time::Duration::from_secs(10));
-    Ok(c)
-}
-
 /// Connect for SQL; the connection task is spawned and logs its end at debug level.
 pub async fn connect(cfg: &Config) -> Result<Client> {
-    let pc = pg_config(cfg)?;
-    let (client, conn) = pc
-        .connect(NoTls)
+    let settings = PgSettings::load(cfg)?;
+    let (client, conn) = settings
+        .pg
+        .connect(settings.sql_tls()?)
         .await
         .map_err(|e| from_pg(&e).context(format!("connect to {}", cfg.postgres.url.redacted())))?;
     tokio::spawn(async move {
@@ -147,6 +137,9 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
         ));
     }
     let table_exists = table_exists(client, &schema, &table).await?;
+    if table_exists {
+        problems.extend(privilege_problems(client, cfg, &schema, &table).await?);
+    }
     if !table_exists {
         problems.push(Problem::new(
             format!("outbox table {schema}.{table} does not exist"),
@@ -243,6 +236,75 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
                 "events committed while it was behind are lost from the stream; drop the slot, recreate it, and replay the gap from the table (see docs/operations.md)",
             ));
         }
+    }
+    Ok(problems)
+}
+
+/// What the relay's role may not do that this config needs: the least-privilege role
+/// of `deploy/relay-role.sql` has exactly these (REPLICATION is checked above).
+async fn privilege_problems(
+    client: &Client,
+    cfg: &Config,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<Problem>> {
+    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    // By OID: resolving a qualified name already fails without USAGE on the schema.
+    let Some(row) = client
+        .query_opt(
+            "SELECT current_user::text,
+                    has_schema_privilege(n.oid, 'USAGE'),
+                    has_table_privilege(c.oid, 'SELECT'),
+                    has_table_privilege(c.oid, 'DELETE'),
+                    has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE')
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?
+    else {
+        return Ok(Vec::new());
+    };
+    let role: String = row.get(0);
+    let role_sql = quote_ident(&role);
+    let mut problems = Vec::new();
+    let mut need = |ok: bool, what: String, fix: String| {
+        if !ok {
+            problems.push(Problem::new(what, fix));
+        }
+    };
+    need(
+        row.get(1),
+        format!("role {role} has no USAGE on schema {schema}"),
+        format!(
+            "GRANT USAGE ON SCHEMA {} TO {role_sql}",
+            quote_ident(schema)
+        ),
+    );
+    need(
+        row.get(2),
+        format!("role {role} has no SELECT on {schema}.{table}"),
+        format!("GRANT SELECT ON {qualified} TO {role_sql}"),
+    );
+    if cfg.retention.enabled {
+        need(
+            row.get(3),
+            format!("retention is enabled but role {role} has no DELETE on {schema}.{table}"),
+            format!("GRANT DELETE ON {qualified} TO {role_sql}, or set retention.enabled = false"),
+        );
+    }
+    if !cfg.monitor.heartbeat_interval.is_zero() {
+        need(
+            row.get(4),
+            format!(
+                "monitor.heartbeat_interval is set but role {role} may not call pg_logical_emit_message"
+            ),
+            format!(
+                "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role_sql}, \
+                 or set monitor.heartbeat_interval = \"0s\""
+            ),
+        );
     }
     Ok(problems)
 }

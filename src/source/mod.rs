@@ -7,10 +7,11 @@
 //! [`crate::progress::Tracker`], or a keepalive's `wal_end` while the tracker is idle.
 
 pub mod admin;
+pub mod settings;
 
 use std::time::Duration;
 
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 
 use crate::config::Config;
 use crate::error::{Error, Result, from_repl};
@@ -28,13 +29,9 @@ pub struct Stream {
 impl Stream {
     /// Start streaming from `start` (0 = the slot's confirmed position).
     pub async fn open(cfg: &Config, start: u64) -> Result<Stream> {
-        let pc = admin::pg_config(cfg)?;
-        let host = match pc.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            #[cfg(unix)]
-            Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
-            None => "127.0.0.1".to_string(),
-        };
+        let settings = settings::PgSettings::load(cfg)?;
+        let pc = &settings.pg;
+        let host = settings.host();
         let port = pc.get_ports().first().copied().unwrap_or(5432);
         let user = pc.get_user().unwrap_or("postgres").to_string();
         let password = pc
@@ -51,7 +48,7 @@ impl Stream {
             cfg.postgres.publication.clone(),
         )
         .with_port(port)
-        .with_tls(TlsConfig::disabled())
+        .with_tls(settings.replication_tls())
         .with_start_lsn(Lsn::from_u64(start))
         .with_status_interval(cfg.postgres.status_interval)
         .with_wakeup_interval(Duration::from_secs(10))

@@ -14,6 +14,7 @@
 
 pub mod nats;
 pub mod postgres;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::future::Future;

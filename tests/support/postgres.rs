@@ -100,6 +100,13 @@ impl Postgres {
     /// override the defaults, e.g. `&[("wal_level", "replica")]`. They are kept
     /// for [`Postgres::start_again`].
     pub fn start_with(extra: &[(&str, &str)]) -> Postgres {
+        Self::start_configured(extra, &[])
+    }
+
+    /// Like [`Postgres::start_with`], writing `files` (name, contents) into the data
+    /// directory after initdb, owned by the server's user with mode 0600 (what
+    /// PostgreSQL demands of a TLS key): e.g. `pg_hba.conf`, `server.crt`.
+    pub fn start_configured(extra: &[(&str, &str)], files: &[(&str, &[u8])]) -> Postgres {
         let bin = pg_bin_dir();
         for tool in ["initdb", "postgres"] {
             assert!(
@@ -156,6 +163,18 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+
+        for (name, contents) in files {
+            let path = data.join(name);
+            std::fs::write(&path, contents)
+                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+            }
         }
 
         let mut settings: Vec<(String, String)> = DEFAULT_SETTINGS
@@ -257,11 +276,17 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db)
     }
 
-    /// A connected client; its connection task is spawned on the current runtime.
+    /// A connected superuser client; its connection task is spawned on the current
+    /// runtime. It uses the Unix socket, so a test may make TCP TLS-only in pg_hba.conf.
     pub async fn client(&self, db: &str) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls)
+        let (client, connection) = tokio_postgres::Config::new()
+            .host_path(&self.root)
+            .port(self.port)
+            .user("postgres")
+            .dbname(db)
+            .connect(tokio_postgres::NoTls)
             .await
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url(db)));
+            .unwrap_or_else(|e| panic!("connect to {db} via {}: {e}", self.root.display()));
         tokio::spawn(async move {
             let _ = connection.await;
         });
