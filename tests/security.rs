@@ -302,9 +302,12 @@ async fn tls_scram_and_least_privilege_end_to_end() {
     for args in [&["status", "--json"][..], &["status"], &["check"]] {
         seen.push_str(&env.cli_env(args, &ENV_SECRETS).text());
     }
-    if let Some((_, metrics)) = http_get(env.http_port, "/metrics").await {
-        seen.push_str(&metrics);
-    }
+    let (_, metrics) = http_get(env.http_port, "/metrics").await.expect("/metrics");
+    assert!(
+        metrics.contains("outbox_relay_publish_errors_total{kind=\"permission_denied\"}"),
+        "{metrics}"
+    );
+    seen.push_str(&metrics);
     if let Some((_, status)) = http_get(env.http_port, "/status").await {
         seen.push_str(&status);
     }
@@ -422,5 +425,96 @@ async fn nkey_authentication() {
         .expect("nkey connect");
     let js = jetstream::new(client);
     insert_tx(&env.sql().await, 5, "nk").await;
+    wait_count(&js, STREAM, 5).await;
+}
+
+/// A JWT as `nsc` would issue it: claims signed by `issuer` (ed25519 nkey).
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("test{}", subject),
+        "iat": 1_700_000_000,
+        "iss": issuer.public_key(),
+        "name": "outbox-relay-test",
+        "sub": subject,
+        "nats": nats,
+    });
+    let payload = b64(claims.to_string().as_bytes());
+    let signature = issuer
+        .sign(format!("{header}.{payload}").as_bytes())
+        .expect("sign jwt");
+    format!("{header}.{payload}.{}", b64(&signature))
+}
+
+/// Operator (JWT) mode: the relay authenticates with a `.creds` file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        serde_json::json!({"type": "account", "version": 2, "limits": {
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+        }}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {},
+                           "subs": -1, "data": -1, "payload": -1}),
+    );
+    // JetStream needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let nats = Nats::start_secured(&format!(
+        "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {acc}: \"{account_jwt}\"\n  {sys}: \"{system_jwt}\"\n}}\n",
+        acc = account.public_key(),
+        sys = system.public_key(),
+    ));
+    let env = Env::start_with(Postgres::start(), nats).await;
+    let creds = env.dir.path().join("relay.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("seed")
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(env.config_path()).unwrap().replace(
+        "ack_timeout = \"3s\"",
+        &format!("ack_timeout = \"3s\"\ncreds_file = \"{}\"", creds.display()),
+    );
+    env.write_raw_config(&text);
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let _relay = env.spawn_relay();
+    let client = async_nats::ConnectOptions::with_credentials_file(creds.clone())
+        .await
+        .expect("read creds")
+        .connect(env.nats.url())
+        .await
+        .expect("creds connect");
+    let js = jetstream::new(client);
+    insert_tx(&env.sql().await, 5, "jwt").await;
     wait_count(&js, STREAM, 5).await;
 }
