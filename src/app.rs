@@ -82,6 +82,7 @@ pub async fn run(
         let result = session.run().await;
         started_once |= session.notes_logged;
         health.set_connected(false, false);
+        health.set_active(false);
         match result {
             Ok(()) => return Ok(()),
             Err(e) if !e.is_transient() => return Err(e),
@@ -96,7 +97,10 @@ pub async fn run(
                 .hint("another relay or pg_recvlogical streams from this slot: stop it, or give this relay its own postgres.slot; set postgres.slot_busy_timeout = \"0s\" to wait as a standby"));
             }
             Err(e) => {
-                if !is_slot_busy(&e) {
+                let busy = is_slot_busy(&e);
+                if busy {
+                    health.set_standby();
+                } else {
                     slot_busy_since = None;
                 }
                 // A session that streamed for a while resets the backoff: this is a new
@@ -104,7 +108,14 @@ pub async fn run(
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = new_backoff();
                 }
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                // A standby looks at the slot at a steady pace, so it takes over within
+                // about STANDBY_POLL of the active relay's connection going away (the
+                // look is one SQL query: see `Session::run`).
+                let delay = if busy {
+                    STANDBY_POLL
+                } else {
+                    backoff.next().unwrap_or(Duration::from_secs(30))
+                };
                 let text = e.to_string();
                 // Logged once per state change, not once per attempt.
                 if last_error.as_deref() != Some(text.as_str()) {
@@ -125,6 +136,9 @@ pub async fn run(
         }
     }
 }
+
+/// How often a standby checks whether the slot became free.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 fn is_slot_busy(e: &Error) -> bool {
     e.message.to_lowercase().contains("is active for pid")
@@ -235,6 +249,19 @@ impl Session<'_> {
         let origin = origin(cfg)?;
         let sql = admin::connect(cfg).await?;
         admin::preflight(&sql, cfg).await?;
+        // Another relay streaming from the slot makes this one a standby. Looked at
+        // here, with one query, so a standby's steady polling costs no NATS connection
+        // or checkpoint read; START_REPLICATION below refuses a busy slot anyway.
+        if let Some(pid) = admin::slot_info(&sql, &cfg.postgres.slot)
+            .await?
+            .and_then(|s| s.active_pid)
+        {
+            return Err(Error::transient(format!(
+                "replication slot \"{}\" is active for pid {pid}",
+                cfg.postgres.slot
+            ))
+            .hint("another relay is streaming from this slot; this one waits as a standby and takes over when it goes away"));
+        }
         if !self.notes_logged {
             for line in admin::settings_summary(&sql).await.unwrap_or_default() {
                 tracing::info!("{line}");
@@ -297,6 +324,11 @@ impl Session<'_> {
         let mut stream = Stream::open(cfg, start).await?;
         drop(sql);
         self.health.set_connected(true, true);
+        if self.health.is_standby() {
+            self.health.takeovers.inc();
+            tracing::info!(slot = %slot, "took over the slot: this relay is now the active one");
+        }
+        self.health.set_active(true);
         self.health.set_last_error(None);
         tracing::info!(
             slot = %slot,

@@ -58,6 +58,7 @@ async fn status(State(h): State<Arc<Health>>) -> axum::Json<serde_json::Value> {
     let (last_error, age) = h.last_error_seen().unzip();
     axum::Json(serde_json::json!({
         "ready": h.ready(),
+        "role": h.role(),
         "not_ready": h.not_ready(),
         "last_error": last_error,
         "last_error_age_seconds": age,

@@ -50,6 +50,12 @@ pub struct Health {
     pub slot_lag_bytes: Gauge,
     pub confirmed_lsn: Gauge,
     pub checkpoint_lsn: Gauge,
+    /// Times this process started streaming after waiting as a standby.
+    pub takeovers: Counter,
+    /// 1 while this process streams from the slot (the active relay).
+    active: Gauge,
+    /// Waiting for a slot another process holds.
+    standby: AtomicBool,
     connected: Family<EndLabels, Gauge>,
     since_last_event: Gauge,
     since_last_confirm: Gauge,
@@ -102,6 +108,8 @@ impl Health {
         let confirmed_lsn = Gauge::default();
         let checkpoint_lsn = Gauge::default();
         let connected = Family::<EndLabels, Gauge>::default();
+        let takeovers = Counter::default();
+        let active = Gauge::default();
         let since_last_event = Gauge::default();
         let since_last_confirm = Gauge::default();
         registry.register(
@@ -170,6 +178,16 @@ impl Health {
             checkpoint_lsn.clone(),
         );
         registry.register(
+            "takeovers",
+            "Times this relay started streaming after waiting as a standby",
+            takeovers.clone(),
+        );
+        registry.register(
+            "active",
+            "1 while this relay streams from the slot, 0 while it is a standby or reconnecting",
+            active.clone(),
+        );
+        registry.register(
             "connected",
             "1 while connected to that end (postgres, nats)",
             connected.clone(),
@@ -199,6 +217,9 @@ impl Health {
             slot_lag_bytes,
             confirmed_lsn,
             checkpoint_lsn,
+            takeovers,
+            active,
+            standby: AtomicBool::new(false),
             connected,
             since_last_event,
             since_last_confirm,
@@ -309,12 +330,47 @@ impl Health {
             .set(i64::from(nats));
     }
 
+    /// Streaming from the slot (`true`), or not (a session ended).
+    pub fn set_active(&self, active: bool) {
+        self.active.set(i64::from(active));
+        if active {
+            self.standby.store(false, Relaxed);
+        }
+    }
+
+    /// Waiting for the slot another relay holds.
+    pub fn set_standby(&self) {
+        self.standby.store(true, Relaxed);
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(Relaxed)
+    }
+
+    /// `active`, `standby` or `connecting`, for `/status`.
+    pub fn role(&self) -> &'static str {
+        if self.active.get() == 1 {
+            "active"
+        } else if self.is_standby() {
+            "standby"
+        } else {
+            "connecting"
+        }
+    }
+
     pub fn set_lag_exceeded(&self, exceeded: bool) {
         self.lag_exceeded.store(exceeded, Relaxed);
     }
 
     /// Why the relay is not ready, or `None` when it is.
     pub fn not_ready(&self) -> Option<String> {
+        if self.is_standby() {
+            return Some(format!(
+                "standby: {}",
+                self.last_error()
+                    .unwrap_or_else(|| "another relay holds the slot".into())
+            ));
+        }
         if !(self.postgres_connected.load(Relaxed) && self.nats_connected.load(Relaxed)) {
             return Some(self.last_error().unwrap_or_else(|| "connecting".into()));
         }

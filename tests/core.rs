@@ -525,3 +525,20 @@ async fn null_sink_publishes_and_confirms_nothing() {
     let _relay = env.spawn_relay();
     wait_count(&js, STREAM, 500).await;
 }
+
+/// The slot is created as a failover slot where the server has them (PostgreSQL 17+),
+/// so a promoted standby that synchronises slots keeps it; older servers get a plain
+/// one. The suite runs on 15 and 18 (scripts/test.sh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_is_a_failover_slot_where_supported() {
+    let env = Env::start_migrated().await;
+    let version = env.pg.version_num().await;
+    let c = env.sql().await;
+    let sql = if version >= 170_000 {
+        "SELECT failover FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+    } else {
+        "SELECT true FROM pg_replication_slots WHERE slot_name = 'outbox_relay'"
+    };
+    let failover: bool = c.query_one(sql, &[]).await.expect("slot exists").get(0);
+    assert!(failover, "server {version}: slot not created as expected");
+}

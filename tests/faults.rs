@@ -18,7 +18,7 @@ use crate::support::wait_for;
 /// A producer inserting `total` rows in transactions of mixed sizes, one connection,
 /// sequentially, with `n` = a global counter in the payload. Survives a PostgreSQL
 /// restart (reconnects; the table is the truth of what committed).
-struct Producer {
+pub(crate) struct Producer {
     done: Arc<AtomicBool>,
     /// Rows whose commit was acknowledged (progress, for waiting on load).
     committed: Arc<AtomicI64>,
@@ -28,7 +28,7 @@ struct Producer {
 impl Producer {
     /// `rate`: rows per second at most (0 = as fast as possible), so that faults
     /// injected over several seconds all land while load is still running.
-    fn start(url: String, total: i64, seed: u64, rate: u64) -> Producer {
+    pub(crate) fn start(url: String, total: i64, seed: u64, rate: u64) -> Producer {
         let done = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicI64::new(0));
         let (d, c) = (done.clone(), committed.clone());
@@ -93,15 +93,15 @@ impl Producer {
         }
     }
 
-    fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.done.load(Ordering::Relaxed)
     }
 
-    fn committed(&self) -> i64 {
+    pub(crate) fn committed(&self) -> i64 {
         self.committed.load(Ordering::Relaxed)
     }
 
-    async fn finish(self) {
+    pub(crate) async fn finish(self) {
         self.task.await.expect("producer");
         assert!(self.done.load(Ordering::Relaxed));
     }
@@ -109,7 +109,7 @@ impl Producer {
 
 /// Waits until the stream holds every row of the table, then checks exactly-once and
 /// commit order; returns the messages.
-async fn verify_exactly_once(env: &Env) -> Vec<Msg> {
+pub(crate) async fn verify_exactly_once(env: &Env) -> Vec<Msg> {
     let c = env.sql().await;
     let ids: HashSet<String> = c
         .query("SELECT id::text FROM outbox_events", &[])

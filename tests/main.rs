@@ -3,6 +3,7 @@
 
 mod core;
 mod faults;
+mod ha;
 mod harness;
 mod ops;
 mod routing;

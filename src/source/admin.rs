@@ -256,8 +256,13 @@ async fn privilege_problems(
                     has_schema_privilege(n.oid, 'USAGE'),
                     has_table_privilege(c.oid, 'SELECT'),
                     has_table_privilege(c.oid, 'DELETE'),
-                    has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE')
+                    coalesce(has_function_privilege(f.oid, 'EXECUTE'), true),
+                    coalesce(f.oid::regprocedure::text, 'pg_logical_emit_message')
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             -- The heartbeat's overload; PostgreSQL 17 added a fourth argument.
+             LEFT JOIN pg_proc f ON f.proname = 'pg_logical_emit_message'
+                  AND f.pronamespace = 'pg_catalog'::regnamespace
+                  AND f.proargtypes[2] = 'text'::regtype
              WHERE n.nspname = $1 AND c.relname = $2",
             &[&schema, &table],
         )
@@ -301,8 +306,8 @@ async fn privilege_problems(
                 "monitor.heartbeat_interval is set but role {role} may not call pg_logical_emit_message"
             ),
             format!(
-                "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role_sql}, \
-                 or set monitor.heartbeat_interval = \"0s\""
+                "GRANT EXECUTE ON FUNCTION {} TO {role_sql}, or set monitor.heartbeat_interval = \"0s\"",
+                row.get::<_, String>(5)
             ),
         );
     }
@@ -481,13 +486,21 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool> {
     if slot_info(client, slot).await?.is_some() {
         return Ok(false);
     }
-    match client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
+    // PostgreSQL 17+: a failover slot is synchronised to standbys that have
+    // `sync_replication_slots` on, so after a promotion the new primary still has it
+    // at the position the relay confirmed, and the relay resumes there instead of
+    // stopping on a missing slot. Harmless where no standby syncs it.
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-    {
+        .map_err(|e| from_pg(&e))?
+        .get(0);
+    let sql = if version >= 170_000 {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    match client.execute(sql, &[&slot]).await {
         Ok(_) => Ok(true),
         // Another relay created it between our check and our create.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(false),

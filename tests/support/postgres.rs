@@ -311,6 +311,33 @@ impl Postgres {
         self.bin.join(name)
     }
 
+    /// A `psql` to talk to this server: the bin dir's own, else any Debian one (some
+    /// server-only builds, like the npm package's, ship none; psql talks to newer
+    /// servers fine).
+    pub fn psql(&self) -> PathBuf {
+        let own = self.bin("psql");
+        if own.is_file() {
+            return own;
+        }
+        std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin/psql"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("psql"))
+    }
+
+    /// `server_version_num`, e.g. 150020 or 180004.
+    pub async fn version_num(&self) -> i32 {
+        self.client("postgres")
+            .await
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .expect("server_version_num")
+            .get(0)
+    }
+
     /// The server log (stdout+stderr of all starts, appended).
     pub fn log_path(&self) -> &Path {
         &self.log
