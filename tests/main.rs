@@ -7,6 +7,7 @@ mod ha;
 mod harness;
 mod ops;
 mod routing;
+mod scaling;
 mod security;
 mod support;
 

@@ -177,6 +177,29 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
         )
         .await
         .map_err(|e| from_pg(&e))?;
+    if pub_row.is_some() && table_exists {
+        let partitioned_without_root: bool = client
+            .query_one(
+                "SELECT c.relkind = 'p' AND NOT p.pubviaroot
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+                      pg_publication p
+                 WHERE n.nspname = $1 AND c.relname = $2 AND p.pubname = $3",
+                &[&schema, &table, publication],
+            )
+            .await
+            .map_err(|e| from_pg(&e))?
+            .get(0);
+        if partitioned_without_root {
+            // Rows would arrive under each partition's name, which is not the outbox
+            // table's: the relay would never see them.
+            problems.push(Problem::new(
+                format!(
+                    "{schema}.{table} is partitioned but publication {publication} publishes its partitions under their own names"
+                ),
+                format!("ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"),
+            ));
+        }
+    }
     match pub_row {
         None => problems.push(Problem::new(
             format!("publication {publication} does not exist"),
