@@ -462,22 +462,25 @@ impl Config {
                 ));
             }
         }
-        let nats = url::Url::parse(self.nats.url.expose()).map_err(|e| {
-            bad_key(
-                "nats.url",
-                format!("not a url ({e})"),
-                "use nats://host:4222",
-            )
-        })?;
-        if !matches!(nats.scheme(), "nats" | "tls" | "ws" | "wss") {
-            return Err(bad_key(
-                "nats.url",
-                format!(
-                    "scheme must be nats:// or tls:// (got {}://)",
-                    nats.scheme()
-                ),
-                "use nats://host:4222",
-            ));
+        // A cluster is given as a comma-separated list of URLs.
+        for part in self.nats.url.expose().split(',').map(str::trim) {
+            let nats = url::Url::parse(part).map_err(|e| {
+                bad_key(
+                    "nats.url",
+                    format!("not a url ({e})"),
+                    "use nats://host:4222, or a comma-separated list for a cluster",
+                )
+            })?;
+            if !matches!(nats.scheme(), "nats" | "tls" | "ws" | "wss") {
+                return Err(bad_key(
+                    "nats.url",
+                    format!(
+                        "scheme must be nats:// or tls:// (got {}://)",
+                        nats.scheme()
+                    ),
+                    "use nats://host:4222",
+                ));
+            }
         }
         if self.nats.max_in_flight == 0 {
             return Err(bad_key(

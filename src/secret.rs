@@ -83,8 +83,13 @@ impl SecretUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+    /// Each URL of a comma-separated list (a NATS cluster) redacted.
     pub fn redacted(&self) -> String {
-        redact_url(&self.0)
+        self.0
+            .split(',')
+            .map(|u| redact_url(u.trim()))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -155,6 +160,12 @@ mod tests {
         assert!(!n.to_string().contains("tok3n"));
         let n = SecretUrl::new("nats://user:pw9@127.0.0.1:4222");
         assert!(!format!("{n:?}").contains("pw9"));
+    }
+
+    #[test]
+    fn each_url_of_a_list_is_redacted() {
+        let u = SecretUrl::new("nats://a:pw1@n1:4222, nats://a:pw2@n2:4222");
+        assert_eq!(u.redacted(), "nats://a:***@n1:4222,nats://a:***@n2:4222");
     }
 
     #[test]

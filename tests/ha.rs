@@ -1,9 +1,12 @@
-//! High availability: active/standby relays on one slot.
+//! High availability: active/standby relays on one slot; a JetStream cluster losing
+//! its stream leader.
 
 use std::time::{Duration, Instant};
 
 use crate::faults::{Producer, verify_exactly_once};
 use crate::harness::*;
+use crate::support::nats::{Nats, NatsCluster};
+use crate::support::postgres::Postgres;
 use crate::support::{free_port, wait_for};
 
 /// `/status` of the relay on `port`: its role, or "" while it does not answer.
@@ -91,4 +94,58 @@ async fn standby_takes_over_after_sigkill_exactly_once() {
     first.restart();
     wait_role(env.http_port, "standby").await;
     drop(second);
+}
+
+/// Streams with 3 replicas on a 3-node JetStream cluster; the stream leader is killed
+/// under load. The relay rides through the election (its session ends, it reconnects
+/// to a surviving node and replays): nothing lost, nothing doubled, and the stream
+/// keeps growing after the election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_cluster_leader_loss_under_load_exactly_once() {
+    let mut cluster = NatsCluster::start(3).await;
+    let url = cluster.url();
+    let first = cluster.nodes.remove(0);
+    let mut env = Env::start_with(Postgres::start(), first).await;
+    env.write_config("replicas = 3\n");
+    let nats_env = [("OUTBOX_RELAY_NATS_URL", url.as_str())];
+    let out = env.cli_env(&["migrate"], &nats_env);
+    assert!(out.status.success(), "{}", out.text());
+    let mut relay = env.spawn_relay_env(&nats_env);
+
+    let producer = Producer::start(env.pg.url("app"), 20_000, 5, 2_000);
+    let servers: Vec<async_nats::ServerAddr> =
+        url.split(',').map(|u| u.parse().unwrap()).collect();
+    let js = async_nats::jetstream::new(async_nats::connect(servers).await.unwrap());
+    wait_for("load flowing into the replicated stream", DEADLINE, || {
+        let js = js.clone();
+        async move { stream_count(&js, STREAM).await > 3_000 }
+    })
+    .await;
+    let info = js.get_stream(STREAM).await.unwrap().info().await.unwrap().clone();
+    let cluster_info = info.cluster.expect("a clustered stream");
+    assert_eq!(info.config.num_replicas, 3);
+    let leader = cluster_info.leader.expect("a stream leader");
+    let at_kill = info.state.messages;
+    let victim: &mut Nats = if leader == "n0" {
+        &mut env.nats
+    } else {
+        cluster.node_mut(&leader)
+    };
+    victim.kill();
+    eprintln!("killed the stream leader {leader} at {at_kill} messages");
+    wait_for("the stream to grow again after the election", DEADLINE, || {
+        let js = js.clone();
+        async move { stream_count(&js, STREAM).await > at_kill + 2_000 }
+    })
+    .await;
+    relay.assert_running("after the leader was killed");
+    producer.finish().await;
+    // Back in the cluster, so the checks can use any node.
+    let victim: &mut Nats = if leader == "n0" {
+        &mut env.nats
+    } else {
+        cluster.node_mut(&leader)
+    };
+    victim.start_again();
+    verify_exactly_once(&env).await;
 }

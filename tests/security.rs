@@ -54,7 +54,7 @@ impl Secure {
         // The relay may publish where it routes and dead-letters, use the JetStream
         // API (streams, KV checkpoint) and receive replies; `outbox.denied.>` is
         // withheld to see a permission error reported.
-        let nats = Nats::start_secured(&format!(
+        let nats = Nats::start_without_probe(&format!(
             r#"
 tls {{
   cert_file: "{cert}"
@@ -401,7 +401,7 @@ async fn wrong_ca_is_refused_naming_the_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nkey_authentication() {
     let user = nkeys::KeyPair::new_user();
-    let nats = Nats::start_secured(&format!(
+    let nats = Nats::start_without_probe(&format!(
         "authorization {{ users = [ {{ nkey: {} }} ] }}",
         user.public_key()
     ));
@@ -481,7 +481,7 @@ async fn creds_file_in_operator_mode() {
         &system.public_key(),
         serde_json::json!({"type": "account", "version": 2}),
     );
-    let nats = Nats::start_secured(&format!(
+    let nats = Nats::start_without_probe(&format!(
         "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
          resolver_preload: {{\n  {acc}: \"{account_jwt}\"\n  {sys}: \"{system_jwt}\"\n}}\n",
         acc = account.public_key(),

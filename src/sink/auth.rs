@@ -173,7 +173,9 @@ fn parse_creds(text: &str) -> Option<(String, String)> {
 /// Credentials in the URL (`nats://user:pass@host`, or `nats://token@host`), which
 /// async-nats does not read from the address itself.
 fn from_url(url: &str) -> Credentials {
-    let Ok(u) = url::Url::parse(url) else {
+    // In a list (a cluster), the first URL's credentials stand for all.
+    let first = url.split(',').next().unwrap_or(url).trim();
+    let Ok(u) = url::Url::parse(first) else {
         return Credentials::None;
     };
     let decode = |s: &str| {

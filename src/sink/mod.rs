@@ -127,8 +127,16 @@ pub async fn connect_with(cfg: &Config, denials: Arc<Denials>) -> Result<async_n
     .max_reconnects(1)
     .name("outbox-relay")
     .connection_timeout(std::time::Duration::from_secs(5));
+    // Several URLs (a cluster): async-nats tries them in turn.
+    let servers = url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| {
+            crate::config::bad_key("nats.url", format!("not a server address ({e})"), "use nats://host:4222")
+        })?;
     auth::apply_tls(opts, cfg)?
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|e| connect_error(cfg, &e))
 }

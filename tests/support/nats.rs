@@ -37,7 +37,7 @@ pub struct Nats {
     port: u16,
     config_extra: String,
     /// Readiness waits for a JetStream answer; off for servers that need TLS or
-    /// credentials the probe does not have ([`Nats::start_secured`]).
+    /// credentials the probe does not have ([`Nats::start_without_probe`]).
     probe_jetstream: bool,
     child: Option<Child>,
 }
@@ -101,10 +101,11 @@ impl Nats {
         }
     }
 
-    /// A server whose `config_extra` demands TLS or credentials: ready when its log
-    /// says so and the port accepts (the JetStream probe could not log in). The test
-    /// connects with its own options.
-    pub fn start_secured(config_extra: &str) -> Nats {
+    /// A server whose JetStream the readiness probe cannot reach: one that demands TLS
+    /// or credentials (the test connects with its own options), or a cluster node
+    /// whose JetStream waits for a quorum. Ready when its log says so and the port
+    /// accepts.
+    pub fn start_without_probe(config_extra: &str) -> Nats {
         Self::start_full(&Self::binary(), config_extra, false)
     }
 
@@ -415,4 +416,70 @@ fn jetstream_account_info(url: &str) -> Result<(), String> {
     handle
         .join()
         .unwrap_or_else(|_| Err("account info thread panicked".into()))
+}
+
+/// A JetStream cluster of `n` nats-servers on loopback (cluster routes between all),
+/// each with its own store dir; dropping it stops them all.
+pub struct NatsCluster {
+    pub nodes: Vec<Nats>,
+}
+
+impl NatsCluster {
+    /// Starts the nodes and waits until JetStream answers (a meta leader is elected).
+    pub async fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let nodes: Vec<Nats> = cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                Nats::start_without_probe(&format!(
+                    "server_name: n{i}\ncluster {{\n  name: relaytest\n  listen: 127.0.0.1:{port}\n  routes: [{routes}]\n}}\n"
+                ))
+            })
+            .collect();
+        let cluster = NatsCluster { nodes };
+        let url = cluster.url();
+        super::wait_for("the JetStream cluster to elect a meta leader", Duration::from_secs(60), || {
+            let url = url.clone();
+            async move { jetstream_ready(&url).await }
+        })
+        .await;
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (the relay's `nats.url` for a cluster).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(Nats::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// The node named `server_name` (`n0`, `n1`, …).
+    pub fn node_mut(&mut self, server_name: &str) -> &mut Nats {
+        let i: usize = server_name
+            .trim_start_matches('n')
+            .parse()
+            .unwrap_or_else(|_| panic!("not a node name: {server_name}"));
+        &mut self.nodes[i]
+    }
+}
+
+async fn jetstream_ready(urls: &str) -> bool {
+    let servers: Vec<async_nats::ServerAddr> = urls
+        .split(',')
+        .filter_map(|u| u.parse().ok())
+        .collect();
+    let Ok(Ok(client)) =
+        tokio::time::timeout(Duration::from_secs(5), async_nats::connect(servers)).await
+    else {
+        return false;
+    };
+    let js = async_nats::jetstream::new(client);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), js.query_account()).await,
+        Ok(Ok(_))
+    )
 }
