@@ -297,10 +297,18 @@ fn sanitize_subject_for_dlq(s: &str) -> String {
     if tokens.is_empty() {
         "unroutable".into()
     } else {
-        let mut out = tokens.join(".");
-        out.truncate(200);
-        out.trim_end_matches('.').to_string()
+        let out = tokens.join(".");
+        truncate_at_char(&out, 200).trim_end_matches('.').to_string()
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_at_char(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]

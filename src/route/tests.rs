@@ -249,3 +249,29 @@ fn fan_out_copies_get_consecutive_positions_and_origin() {
     assert_eq!(header(&envs[1], "Outbox-Tx-Index"), Some("4"));
     assert_eq!(header(&envs[0], "Outbox-Origin"), Some("app/outbox_relay"));
 }
+
+/// The dead-letter subject is cut to 200 bytes; cutting inside a multi-byte character
+/// panicked (the relay crashed on the row, and again on every replay of it).
+#[test]
+fn long_multibyte_subjects_dead_letter_without_panic() {
+    let long = format!("outbox.{}", "é".repeat(130));
+    let mut ev = event(&format!("x{}", "é".repeat(150)), None);
+    ev.destination_topics = Some(Bytes::from(format!(r#"["{long}"]"#)));
+    let envs = route(&router(), &ev);
+    assert!(
+        envs[0]
+            .dead_letter
+            .as_ref()
+            .unwrap()
+            .contains("longer than 255")
+    );
+    ev.destination_topics = None;
+    let envs = envs.into_iter().chain(route(&router(), &ev));
+    for e in envs {
+        assert!(e.dead_letter.is_some());
+        assert!(e.subject.len() <= 200, "{}", e.subject);
+        validate_subject(&e.subject).unwrap();
+    }
+    assert_eq!(truncate_at_char("aé", 2), "a");
+    assert_eq!(truncate_at_char("aé", 3), "aé");
+}
