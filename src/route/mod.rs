@@ -196,10 +196,7 @@ impl Router {
                 env.payload = t.payload;
                 env.all_or_nothing = t.strategy == rules::Strategy::AllOrNothing && fan_out;
                 for (name, value) in t.headers {
-                    if let Ok(v) = <async_nats::HeaderValue as std::str::FromStr>::from_str(&value)
-                    {
-                        env.headers.insert(name.as_str(), v);
-                    }
+                    env.headers.insert(name.as_str(), headers::value(&value));
                 }
                 env
             })
@@ -298,7 +295,9 @@ fn sanitize_subject_for_dlq(s: &str) -> String {
         "unroutable".into()
     } else {
         let out = tokens.join(".");
-        truncate_at_char(&out, 200).trim_end_matches('.').to_string()
+        truncate_at_char(&out, 200)
+            .trim_end_matches('.')
+            .to_string()
     }
 }
 
