@@ -128,7 +128,8 @@ impl Template {
                 }
             }
         }
-        validate_subject(&out).map_err(|e| format!("routed subject {out:?}: {e}"))?;
+        validate_subject(&out)
+            .map_err(|e| format!("routed subject {}: {e}", super::quoted(&out)))?;
         Ok(out)
     }
 }

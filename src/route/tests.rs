@@ -275,3 +275,40 @@ fn long_multibyte_subjects_dead_letter_without_panic() {
     assert_eq!(truncate_at_char("aé", 2), "a");
     assert_eq!(truncate_at_char("aé", 3), "aé");
 }
+
+/// `outbox.>` and `outbox.*` are dead-lettered under `outbox._`, the subject of the valid
+/// entry `outbox._`: keyed by subject, all three copies had one `Nats-Msg-Id` and
+/// JetStream kept only the first (the routed copy was lost).
+#[test]
+fn fan_out_copies_never_share_a_msg_id() {
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from_static(
+        br#"["outbox.>", "outbox._", "outbox.*", "outbox..x", "outbox.x."]"#,
+    ));
+    let envs = route(&router(), &ev);
+    let ids: Vec<&str> = envs
+        .iter()
+        .map(|e| header(e, "Nats-Msg-Id").unwrap())
+        .collect();
+    let id = "0b0c9d2e-0000-4000-8000-000000000001";
+    assert_eq!(
+        ids,
+        [
+            format!("{id}:dead letter 0"),
+            format!("{id}:outbox._"),
+            format!("{id}:dead letter 2"),
+            format!("{id}:dead letter 3"),
+            format!("{id}:dead letter 4"),
+        ]
+    );
+}
+
+/// A reason quotes the failing entry, cut: a row can make it megabytes long.
+#[test]
+fn reasons_quote_long_entries_cut() {
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from(format!(r#"["{}"]"#, "a".repeat(10_000))));
+    let reason = route(&router(), &ev)[0].dead_letter.clone().unwrap();
+    assert!(reason.len() < 250, "{reason}");
+    assert!(reason.contains("(10000 bytes)") && reason.ends_with("longer than 255 bytes"));
+}
