@@ -163,10 +163,20 @@ fn is_clean(text: &str) -> bool {
     !text.bytes().any(|b| b.is_ascii_control()) && find_msg_id(text.as_bytes()).is_none()
 }
 
+/// Where [`MSG_ID_TEXT`] starts in `bytes`, in any case. Anchored on its first `-`
+/// (few values have one), as this runs for every header of every message.
 fn find_msg_id(bytes: &[u8]) -> Option<usize> {
     bytes
-        .windows(MSG_ID_TEXT.len())
-        .position(|w| w.eq_ignore_ascii_case(MSG_ID_TEXT))
+        .iter()
+        .enumerate()
+        .skip(4)
+        .filter(|&(_, &b)| b == b'-')
+        .map(|(i, _)| i - 4)
+        .find(|&at| {
+            bytes
+                .get(at..at + MSG_ID_TEXT.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(MSG_ID_TEXT))
+        })
 }
 
 /// [`sanitize`]d `text` as a header value (cannot fail).
