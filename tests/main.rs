@@ -4,6 +4,7 @@
 mod core;
 mod faults;
 mod harness;
+mod hostile;
 mod ops;
 mod routing;
 mod support;
