@@ -80,7 +80,7 @@ impl Router {
         let Some(prefix) = &self.prefix else {
             return envs;
         };
-        let rendered = prefix.render(ev);
+        let rendered = prefix.render_prefix(ev);
         for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
             let inside = match &rendered {
                 Ok(p) => {

@@ -312,3 +312,39 @@ fn reasons_quote_long_entries_cut() {
     assert!(reason.len() < 250, "{reason}");
     assert!(reason.contains("(10000 bytes)") && reason.ends_with("longer than 255 bytes"));
 }
+
+/// A per-tenant prefix: a tenant value that is not one token as written could reach
+/// another tenant's subjects (`acme.evil` publishes below `tenants.acme`; `a b` and
+/// `a*b` share `tenants.a_b`).
+#[test]
+fn prefix_fields_must_be_single_tokens() {
+    let r = Router::new(
+        Template::parse("tenants.{tenant_id}.{event_topic}").unwrap(),
+        "app/outbox_relay",
+    )
+    .with_prefix(Some(Template::parse("tenants.{tenant_id}").unwrap()));
+    let mut ev = event("created", Some("order"));
+    for (tenant, ok) in [
+        ("acme", true),
+        ("ünï-😀_1", true),
+        ("acme.evil", false),
+        ("a b", false),
+        ("a*b", false),
+        (">", false),
+        ("", false),
+    ] {
+        ev.tenant_id = Some(Bytes::copy_from_slice(tenant.as_bytes()));
+        let e = &route(&r, &ev)[0];
+        assert_eq!(
+            e.dead_letter.is_none(),
+            ok,
+            "{tenant:?}: {:?}",
+            e.dead_letter
+        );
+        if ok {
+            assert_eq!(e.subject, format!("tenants.{tenant}.created"));
+        } else {
+            validate_subject(&e.subject).unwrap();
+        }
+    }
+}
