@@ -581,15 +581,64 @@ fn check(case: &Case, id: &str, payload: &str, n: usize, m: &Msg) {
 /// Every row of [`cases`] in its own transaction, then one normal row; one relay run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_rows_pass_through_or_dead_letter_and_the_stream_moves_on() {
+    relay_table("", &cases(), SENTINEL).await;
+}
+
+/// A per-tenant enforced prefix: a tenant value that is not one subject token as
+/// written must not reach another tenant's subjects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_values_cannot_escape_a_per_tenant_prefix() {
+    let config = "[routing]\nsubject = \"outbox.tenants.{tenant_id}.{event_topic}\"\n\
+                  subject_prefix = \"outbox.tenants.{tenant_id}\"\n";
+    let own = |name: &'static str, tenant: &str| {
+        case(name)
+            .text("tenant_id", tenant)
+            .to(vec![Pub(format!("outbox.tenants.{tenant}.{name}"))])
+    };
+    let escaping = |name: &'static str, tenant: &str, tail: &str| {
+        case(name).text("tenant_id", tenant).to(vec![Dead(
+            dlq(&format!("outbox.tenants.{tail}.{name}")),
+            "not one subject token",
+        )])
+    };
+    let cases = vec![
+        own("tenant_plain", "acme"),
+        own("tenant_unicode", "\u{FC}n\u{EF}-\u{1F600}"),
+        escaping("tenant_dotted", "acme.evil", "acme.evil"),
+        escaping("tenant_space", "a b", "a_b"),
+        escaping("tenant_star", "*", "_"),
+        escaping("tenant_crlf", "acme\r\n", "acme__"),
+        case("tenant_empty").text("tenant_id", "").to(vec![Dead(
+            dlq("tenant_empty"),
+            "field tenant_id is null or empty",
+        )]),
+        own("tenant_dest_own", "acme")
+            .text("destination_topics", r#"["outbox.tenants.acme.x"]"#)
+            .to(vec![Pub("outbox.tenants.acme.x".into())]),
+        own("tenant_dest_other", "acme")
+            .text("destination_topics", r#"["outbox.tenants.other.x"]"#)
+            .to(vec![Dead(
+                dlq("outbox.tenants.other.x"),
+                "outside the enforced prefix outbox.tenants.acme",
+            )]),
+    ];
+    relay_table(config, &cases, "outbox.tenants.default.sentinel").await;
+}
+
+/// One relay run (config `extra`, a server max_payload of [`MAX_PAYLOAD`]) over every
+/// case, each in its own transaction, then a normal row routed to `sentinel`: the
+/// stream holds exactly what the table says, in row order, every `Nats-Msg-Id`
+/// deduplicates, and the relay is still running and healthy.
+async fn relay_table(extra: &str, cases: &[Case], sentinel_subject: &str) {
     let nats = Nats::start_with(&format!("max_payload: {MAX_PAYLOAD}"));
     let env = Env::start_with(Postgres::start(), nats).await;
+    env.write_config(extra);
     let out = env.cli(&["migrate"]);
     assert!(out.status.success(), "migrate failed: {}", out.text());
     let mut relay = env.spawn_relay();
     let c = env.sql().await;
-    let cases = cases();
     let mut rows = Vec::with_capacity(cases.len());
-    for case in &cases {
+    for case in cases {
         let row = c
             .query_one(&case.insert_sql(), &[])
             .await
@@ -600,13 +649,17 @@ async fn hostile_rows_pass_through_or_dead_letter_and_the_stream_moves_on() {
 
     // The normal row after all of them arrives: no stall, no crash.
     let js = env.js().await;
-    let stream = js.get_stream(STREAM).await.expect("stream");
     let deadline = Instant::now() + DEADLINE;
-    while stream
-        .get_last_raw_message_by_subject(SENTINEL)
-        .await
-        .is_err()
-    {
+    loop {
+        // The relay creates the stream when its session starts.
+        if let Ok(stream) = js.get_stream(STREAM).await
+            && stream
+                .get_last_raw_message_by_subject(sentinel_subject)
+                .await
+                .is_ok()
+        {
+            break;
+        }
         relay.assert_running("while relaying the hostile rows");
         assert!(
             Instant::now() < deadline,
@@ -639,7 +692,7 @@ async fn hostile_rows_pass_through_or_dead_letter_and_the_stream_moves_on() {
     let last = it.next().unwrap();
     assert_eq!(
         (last.subject.as_str(), last.msg_id()),
-        (SENTINEL, sentinel[0].as_str())
+        (sentinel_subject, sentinel[0].as_str())
     );
     let ids: HashSet<&str> = msgs.iter().map(Msg::msg_id).collect();
     assert_eq!(ids.len(), msgs.len(), "Nats-Msg-Id not unique");
