@@ -105,6 +105,10 @@ impl Case {
     fn text(self, col: &'static str, value: &str) -> Self {
         self.set(col, lit(value))
     }
+    /// Column `col` set to `value`, which header `header` carries unchanged.
+    fn echoed(self, col: &'static str, header: &'static str, value: &str) -> Self {
+        self.text(col, value).header(header, Some(value))
+    }
     fn to(mut self, out: Vec<Out>) -> Self {
         self.out = out;
         self
@@ -145,7 +149,7 @@ impl Case {
 fn cases() -> Vec<Case> {
     let long_a = "a".repeat(300);
     let e_acute = "é";
-    vec![
+    [
         // Payloads that are not objects, deep, huge, odd Unicode.
         case("payload_string")
             .text("payload", r#""just a string""#)
@@ -177,32 +181,24 @@ fn cases() -> Vec<Case> {
         ),
         // Odd but valid Unicode in the columns that feed subjects and headers.
         case("unicode_topic")
-            .text("event_topic", "cr\u{E9}\u{E9}\u{200D}\u{1F44D}\u{1F3FD}")
+            .echoed("event_topic", "Outbox-Event-Topic", "cr\u{E9}\u{E9}\u{200D}\u{1F44D}\u{1F3FD}")
             .to(vec![Pub(
                 "outbox.hostile.cr\u{E9}\u{E9}\u{200D}\u{1F44D}\u{1F3FD}".into(),
-            )])
-            .header(
-                "Outbox-Event-Topic",
-                Some("cr\u{E9}\u{E9}\u{200D}\u{1F44D}\u{1F3FD}"),
-            ),
+            )]),
         case("unicode_aggregate_type")
-            .text("aggregate_type", "ord\u{301}er\u{200F}\u{FFFF}")
+            .echoed("aggregate_type", "Outbox-Aggregate-Type", "ord\u{301}er\u{200F}\u{FFFF}")
             .to(vec![Pub(
                 "outbox.ord\u{301}er\u{200F}\u{FFFF}.unicode_aggregate_type".into(),
-            )])
-            .header("Outbox-Aggregate-Type", Some("ord\u{301}er\u{200F}\u{FFFF}")),
+            )]),
         // Unicode whitespace is a subject separator for nobody, but it is replaced too.
         case("unicode_whitespace_aggregate_type")
-            .text("aggregate_type", "a\u{A0}b\u{3000}c\u{2028}d")
+            .echoed("aggregate_type", "Outbox-Aggregate-Type", "a\u{A0}b\u{3000}c\u{2028}d")
             .to(vec![Pub(
                 "outbox.a_b_c_d.unicode_whitespace_aggregate_type".into(),
-            )])
-            .header("Outbox-Aggregate-Type", Some("a\u{A0}b\u{3000}c\u{2028}d")),
+            )]),
         case("unicode_tenant_and_id")
-            .text("tenant_id", "\u{202E}tenant\u{FFFF}")
-            .text("aggregate_id", "\u{FEFF}id\u{200D}\u{10FFFF}")
-            .header("Outbox-Tenant-Id", Some("\u{202E}tenant\u{FFFF}"))
-            .header("Outbox-Aggregate-Id", Some("\u{FEFF}id\u{200D}\u{10FFFF}")),
+            .echoed("tenant_id", "Outbox-Tenant-Id", "\u{202E}tenant\u{FFFF}")
+            .echoed("aggregate_id", "Outbox-Aggregate-Id", "\u{FEFF}id\u{200D}\u{10FFFF}"),
         case("unicode_destination")
             .text(
                 "destination_topics",
@@ -247,9 +243,7 @@ fn cases() -> Vec<Case> {
             .header("traceparent", Some("00-t"))
             .header("X-Nats-Msg-Id", None)
             .header("note", None),
-        case("tenant_quotes")
-            .text("tenant_id", r#"a"b\c} 1"#)
-            .header("Outbox-Tenant-Id", Some(r#"a"b\c} 1"#)),
+        case("tenant_quotes").echoed("tenant_id", "Outbox-Tenant-Id", r#"a"b\c} 1"#),
         // Subjects from the template: aggregate_type feeds outbox.{aggregate_type}.{event_topic}.
         case("agg_dotted")
             .text("aggregate_type", "a.b")
@@ -471,44 +465,49 @@ fn cases() -> Vec<Case> {
                 "max_payload",
             )])
             .header("Outbox-Source", None),
-        // NULL in every nullable column, each alone and all at once.
+    ]
+    .into_iter()
+    .chain(null_cases())
+    .collect()
+}
+
+/// NULL in every nullable column, each alone (published, without the header the column
+/// feeds) and all at once (dead-lettered: the template needs aggregate_type).
+fn null_cases() -> Vec<Case> {
+    let nullable = [
+        (
+            "null_aggregate_type",
+            "aggregate_type",
+            "Outbox-Aggregate-Type",
+        ),
+        ("null_aggregate_id", "aggregate_id", "Outbox-Aggregate-Id"),
+        ("null_source_bc", "source_bc", "Outbox-Source"),
+        ("null_destination_topics", "destination_topics", ""),
+        ("null_schema_id", "schema_id", "Outbox-Schema-Id"),
+        ("null_metadata", "metadata", "traceparent"),
+    ];
+    let mut all = full("null_all").to(vec![Dead(
+        dlq("null_all"),
+        "field aggregate_type is null or empty",
+    )]);
+    let mut cases = vec![
         full("null_none")
             .header("Outbox-Aggregate-Id", Some("agg-1"))
             .header("Outbox-Source", Some("billing"))
             .header("Outbox-Schema-Id", Some("schema-1")),
-        full("null_aggregate_type")
-            .set("aggregate_type", "NULL")
-            .header("Outbox-Aggregate-Type", None),
-        full("null_aggregate_id")
-            .set("aggregate_id", "NULL")
-            .header("Outbox-Aggregate-Id", None),
-        full("null_source_bc")
-            .set("source_bc", "NULL")
-            .header("Outbox-Source", None),
-        full("null_destination_topics").set("destination_topics", "NULL"),
-        full("null_schema_id")
-            .set("schema_id", "NULL")
-            .header("Outbox-Schema-Id", None),
-        full("null_metadata")
-            .set("metadata", "NULL")
-            .header("traceparent", None),
-        full("null_all")
-            .set("aggregate_type", "NULL")
-            .set("aggregate_id", "NULL")
-            .set("source_bc", "NULL")
-            .set("destination_topics", "NULL")
-            .set("schema_id", "NULL")
-            .set("metadata", "NULL")
-            .to(vec![Dead(
-                dlq("null_all"),
-                "field aggregate_type is null or empty",
-            )])
-            .header("Outbox-Aggregate-Type", None)
-            .header("Outbox-Aggregate-Id", None)
-            .header("Outbox-Source", None)
-            .header("Outbox-Schema-Id", None)
-            .header("traceparent", None),
-    ]
+    ];
+    for (name, col, header) in nullable {
+        let alone = full(name).set(col, "NULL");
+        all = all.set(col, "NULL");
+        if header.is_empty() {
+            cases.push(alone);
+        } else {
+            cases.push(alone.header(header, None));
+            all = all.header(header, None);
+        }
+    }
+    cases.push(all);
+    cases
 }
 
 /// Asserts that `m`, the `n`-th message of the row `case` (id `id`, payload text
