@@ -135,8 +135,8 @@ fn put(h: &mut HeaderMap, name: &HeaderName, text: &str) {
 const MSG_ID_TEXT: &[u8] = b"nats-msg-id";
 
 /// `text` made safe as a header value: ASCII control characters (CR and LF would end
-/// the header line and start a forged one; the others make strict readers such as Go's
-/// `net/textproto` reject the whole header block) become spaces, and `Nats-Msg-Id` in
+/// the header line and start a forged one; all but tab make readers that follow RFC 9110,
+/// such as Go's `net/textproto`, reject the header block) become spaces, and `Nats-Msg-Id` in
 /// any case is written with underscores (`Nats_Msg_Id`), see [`MSG_ID_TEXT`].
 pub fn sanitize(text: &str) -> std::borrow::Cow<'_, str> {
     if is_clean(text) {
@@ -292,8 +292,8 @@ mod tests {
         assert_eq!(get(&h, "note"), None);
     }
 
-    /// CR/LF would end the line; other control characters make strict readers (Go's
-    /// `net/textproto`) reject every header of the message.
+    /// CR/LF would end the line; other control characters make readers that follow
+    /// RFC 9110 (Go's `net/textproto`) reject the header block.
     #[test]
     fn control_characters_become_spaces_or_leave_metadata_out() {
         let h = headers_of(|ev| {
