@@ -189,8 +189,10 @@ struct State {
     caught_up: bool,
 }
 
-/// Payload plus a generous allowance for headers: NATS counts both against max_payload.
-fn too_large(env: &Envelope, max_payload: usize) -> bool {
+/// The reason `env` cannot be published when it is larger than `max_payload`: payload
+/// plus a generous allowance for headers, NATS counts both (a row can make the headers
+/// the large part: a metadata value or a column of several MB).
+fn too_large(env: &Envelope, max_payload: usize) -> Option<String> {
     let headers: usize = env
         .headers
         .iter()
@@ -199,8 +201,15 @@ fn too_large(env: &Envelope, max_payload: usize) -> bool {
                 .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
                 .sum::<usize>()
         })
-        .sum();
-    env.payload.len() + headers + 16 > max_payload
+        .sum::<usize>()
+        + 16;
+    (env.payload.len() + headers > max_payload).then(|| {
+        format!(
+            "message of {} bytes (payload {}, headers {headers}) exceeds the server's max_payload of {max_payload} bytes",
+            env.payload.len() + headers,
+            env.payload.len(),
+        )
+    })
 }
 
 /// The reason an `all_or_nothing` fan-out must go to the dead-letter subject as a
@@ -605,12 +614,8 @@ impl Session<'_> {
         // decides the same, reconciliation knows which stream each message went
         // to, and an all-or-nothing fan-out can be refused as a whole.
         for env in envs.iter_mut() {
-            if env.dead_letter.is_none() && too_large(env, st.max_payload) {
-                env.dead_letter = Some(format!(
-                    "message of {} bytes exceeds the server's max_payload of {} bytes",
-                    env.payload.len(),
-                    st.max_payload
-                ));
+            if env.dead_letter.is_none() {
+                env.dead_letter = too_large(env, st.max_payload);
             }
             env.stream = self.destination(env, &mut st.index, sink).await?;
             env.committed_at_us = committed_at_us;

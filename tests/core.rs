@@ -349,7 +349,7 @@ async fn bad_config_is_refused_with_the_key_named() {
     // Environment override with a bad value names the variable and the key.
     env.write_config("");
     let out = {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        let mut cmd = std::process::Command::new(relay_bin());
         cmd.arg("--config").arg(env.config_path()).arg("check");
         cmd.env("OUTBOX_RELAY_NATS_MAX_IN_FLIGHT", "lots");
         cmd.output().unwrap()

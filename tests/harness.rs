@@ -153,8 +153,20 @@ impl Output {
     }
 }
 
+/// The relay binary: `$OUTBOX_TEST_RELAY_BIN`, else the one cargo built for this test.
+/// (Worktrees sharing one target directory overwrite each other's
+/// `target/debug/outbox-relay`; a copy named by the variable is immune to that.)
+pub fn relay_bin() -> PathBuf {
+    std::env::var_os("OUTBOX_TEST_RELAY_BIN")
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay")),
+            PathBuf::from,
+        )
+}
+
 fn relay_command(config: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    let mut cmd = Command::new(relay_bin());
     cmd.arg("--config").arg(config);
     // The relay reads OUTBOX_RELAY_* as config overrides: do not leak the test
     // environment's into it.
@@ -288,7 +300,10 @@ impl Drop for Relay {
 pub struct Msg {
     pub seq: u64,
     pub subject: String,
+    /// The first value of each header.
     pub headers: HashMap<String, String>,
+    /// How many values each header has (a forged header would show as a second one).
+    pub header_counts: HashMap<String, usize>,
     pub payload: Vec<u8>,
 }
 
@@ -346,24 +361,17 @@ pub async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
             .expect("stream of messages open")
             .expect("message");
         let info = next.info().expect("message info");
-        let headers = next
-            .headers
-            .as_ref()
-            .map(|h| {
-                h.iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            v.first().map(|v| v.to_string()).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let (mut headers, mut header_counts) = (HashMap::new(), HashMap::new());
+        for (k, v) in next.headers.iter().flat_map(|h| h.iter()) {
+            let first = v.first().map(|v| v.to_string()).unwrap_or_default();
+            headers.insert(k.to_string(), first);
+            header_counts.insert(k.to_string(), v.len());
+        }
         out.push(Msg {
             seq: info.stream_sequence,
             subject: next.subject.to_string(),
             headers,
+            header_counts,
             payload: next.payload.to_vec(),
         });
         assert!(Instant::now() < deadline, "reading stream took too long");

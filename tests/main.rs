@@ -5,6 +5,7 @@ mod core;
 mod faults;
 mod ha;
 mod harness;
+mod hostile;
 mod ops;
 mod routing;
 mod scaling;

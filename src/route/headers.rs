@@ -59,8 +59,7 @@ pub struct HeaderSet {
 impl HeaderSet {
     pub fn new(origin: &str) -> Self {
         let n = HeaderName::from_static;
-        let origin_value =
-            HeaderValue::from_str(&origin.replace(['\r', '\n'], " ")).unwrap_or_default();
+        let origin_value = value(origin);
         Self {
             origin: (n(ORIGIN), origin_value),
             names: [
@@ -80,9 +79,9 @@ impl HeaderSet {
         }
     }
 
-    /// Headers for one message. A column value that cannot be a header value (CR or LF)
-    /// is written with those characters replaced by spaces: the payload is the data, the
-    /// headers are a convenience, and one odd value must not block the event.
+    /// Headers for one message. Column values are written through [`sanitize`]: the
+    /// payload is the data, the headers are a convenience, and one odd value must not
+    /// block the event.
     pub fn build(&self, ev: &OutboxEvent, pos: Position, msg_id: Option<&str>) -> HeaderMap {
         let mut h = HeaderMap::new();
         let [
@@ -125,11 +124,64 @@ pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
-fn put(h: &mut HeaderMap, name: &HeaderName, value: &str) {
-    let v = HeaderValue::from_str(value).unwrap_or_else(|_| {
-        HeaderValue::from_str(&value.replace(['\r', '\n'], " ")).unwrap_or_default()
-    });
-    h.insert(name.clone(), v);
+fn put(h: &mut HeaderMap, name: &HeaderName, text: &str) {
+    h.insert(name.clone(), value(text));
+}
+
+/// The text server-side header lookups search for. NATS servers (2.9 and 2.10 at
+/// least) find `Nats-Msg-Id` by the first occurrence of that text in the header block
+/// and ignore it unless it starts a line: a value (or a name) containing it, written
+/// before the real header, turns JetStream's deduplication off for the message.
+const MSG_ID_TEXT: &[u8] = b"nats-msg-id";
+
+/// `text` made safe as a header value: ASCII control characters (CR and LF would end
+/// the header line and start a forged one; all but tab make readers that follow RFC 9110,
+/// such as Go's `net/textproto`, reject the header block) become spaces, and `Nats-Msg-Id` in
+/// any case is written with underscores (`Nats_Msg_Id`), see [`MSG_ID_TEXT`].
+pub fn sanitize(text: &str) -> std::borrow::Cow<'_, str> {
+    if is_clean(text) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut bytes = text.as_bytes().to_vec();
+    for b in bytes.iter_mut().filter(|b| b.is_ascii_control()) {
+        *b = b' ';
+    }
+    let mut from = 0;
+    while let Some(at) = find_msg_id(&bytes[from..]) {
+        let at = from + at;
+        bytes[at + 4] = b'_';
+        bytes[at + 8] = b'_';
+        from = at + MSG_ID_TEXT.len();
+    }
+    // Only ASCII bytes were replaced, by ASCII bytes: still UTF-8.
+    std::borrow::Cow::Owned(String::from_utf8(bytes).expect("ascii replaced by ascii"))
+}
+
+/// No control character and no `Nats-Msg-Id`: usable as a header value (or, with the
+/// name rules, a header name) as it is.
+fn is_clean(text: &str) -> bool {
+    !text.bytes().any(|b| b.is_ascii_control()) && find_msg_id(text.as_bytes()).is_none()
+}
+
+/// Where [`MSG_ID_TEXT`] starts in `bytes`, in any case. Anchored on its first `-`
+/// (few values have one), as this runs for every header of every message.
+fn find_msg_id(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .iter()
+        .enumerate()
+        .skip(4)
+        .filter(|&(_, &b)| b == b'-')
+        .map(|(i, _)| i - 4)
+        .find(|&at| {
+            bytes
+                .get(at..at + MSG_ID_TEXT.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(MSG_ID_TEXT))
+        })
+}
+
+/// [`sanitize`]d `text` as a header value (cannot fail).
+pub fn value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(&sanitize(text)).unwrap_or_default()
 }
 
 fn put_bytes(h: &mut HeaderMap, name: &HeaderName, value: Option<&bytes::Bytes>) {
@@ -141,30 +193,154 @@ fn put_bytes(h: &mut HeaderMap, name: &HeaderName, value: Option<&bytes::Bytes>)
 }
 
 /// Every top-level key of the `metadata` object whose name is a valid header name and
-/// whose value is a string, number or bool without CR/LF becomes a header, e.g.
-/// `traceparent`. Our own names win: metadata cannot forge `Nats-*` or `Outbox-*`.
+/// whose value is a string, number or bool that needs no [`sanitize`]ing becomes a
+/// header, e.g. `traceparent`. Our own names win: metadata cannot forge `Nats-*` or
+/// `Outbox-*`, nor hide `Nats-Msg-Id` (see [`MSG_ID_TEXT`]). Values are read one by
+/// one, so one key that cannot be a header (nested 5,000 levels deep, a number beyond
+/// f64) leaves the others in place; a number is written as PostgreSQL wrote it.
 fn metadata_headers(h: &mut HeaderMap, raw: &bytes::Bytes) {
-    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(raw) else {
+    let Ok(map) = serde_json::from_slice::<
+        std::collections::BTreeMap<String, &serde_json::value::RawValue>,
+    >(raw) else {
         return;
     };
-    for (k, v) in map {
-        let lower = k.to_ascii_lowercase();
-        if lower.starts_with("nats-") || lower.starts_with("outbox-") {
+    for (k, raw) in map {
+        if !is_metadata_name(&k) {
             continue;
         }
-        let value = match v {
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Number(n) => n.to_string(),
-            serde_json::Value::Bool(b) => b.to_string(),
+        let text = raw.get();
+        let value = match text.as_bytes().first() {
+            Some(b'"') => match serde_json::from_str::<String>(text) {
+                Ok(s) => s,
+                Err(_) => continue,
+            },
+            Some(b'-' | b'0'..=b'9' | b't' | b'f') => text.to_string(),
             _ => continue,
         };
-        let valid_name =
-            !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic() && b != b':');
-        if !valid_name {
+        if !is_clean(&value) {
             continue;
         }
         if let (Ok(name), Ok(value)) = (HeaderName::from_str(&k), HeaderValue::from_str(&value)) {
             h.insert(name, value);
         }
+    }
+}
+
+/// A metadata key usable as a header name: printable ASCII without `:`, at most 128
+/// bytes, not one of ours (`Nats-*`, `Outbox-*`, any case) and not containing
+/// `Nats-Msg-Id`.
+fn is_metadata_name(k: &str) -> bool {
+    let lower = k.to_ascii_lowercase();
+    !k.is_empty()
+        && k.len() <= 128
+        && k.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+        && !lower.starts_with("nats-")
+        && !lower.starts_with("outbox-")
+        && find_msg_id(k.as_bytes()).is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn headers_of(edit: impl FnOnce(&mut OutboxEvent)) -> HeaderMap {
+        let mut ev = OutboxEvent::new(
+            Bytes::from_static(b"0b0c9d2e-0000-4000-8000-000000000001"),
+            Bytes::from_static(b"created"),
+            Bytes::from_static(b"{}"),
+        );
+        edit(&mut ev);
+        HeaderSet::new("app/outbox_relay").build(&ev, Position::default(), None)
+    }
+
+    fn get<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+        h.get(name).map(|v| v.as_str())
+    }
+
+    /// A NATS server looks `Nats-Msg-Id` up by the first occurrence of the text in the
+    /// header block: row data containing it, serialised first, disabled deduplication
+    /// (seen with nats-server 2.9.10).
+    #[test]
+    fn row_data_cannot_hide_the_msg_id() {
+        let h = headers_of(|ev| {
+            ev.aggregate_id = Some(Bytes::from_static(b"x Nats-Msg-Id: y"));
+            ev.tenant_id = Some(Bytes::from_static(b"NATS-MSG-ID"));
+            ev.metadata = Some(Bytes::from_static(
+                br#"{"X-Nats-Msg-Id": "1", "note": "see nats-msg-id", "traceparent": "00-1"}"#,
+            ));
+        });
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            if name == MSG_ID {
+                continue;
+            }
+            let texts = std::iter::once(name).chain(values.iter().map(|v| v.as_str()));
+            for t in texts {
+                assert!(find_msg_id(t.as_bytes()).is_none(), "{name}: {t:?}");
+            }
+        }
+        assert_eq!(
+            get(&h, MSG_ID),
+            Some("0b0c9d2e-0000-4000-8000-000000000001")
+        );
+        assert_eq!(get(&h, AGGREGATE_ID), Some("x Nats_Msg_Id: y"));
+        assert_eq!(get(&h, TENANT_ID), Some("NATS_MSG_ID"));
+        assert_eq!(get(&h, "traceparent"), Some("00-1"));
+        assert_eq!(get(&h, "X-Nats-Msg-Id"), None);
+        assert_eq!(get(&h, "note"), None);
+    }
+
+    /// CR/LF would end the line; other control characters make readers that follow
+    /// RFC 9110 (Go's `net/textproto`) reject the header block.
+    #[test]
+    fn control_characters_become_spaces_or_leave_metadata_out() {
+        let h = headers_of(|ev| {
+            ev.aggregate_id = Some(Bytes::from_static(b"a\x1b[31mb\x7f\tc\r\nd"));
+            ev.metadata = Some(Bytes::from_static(
+                br#"{"ansi": "\u001b[0m", "tab": "a\tb", "crlf": "a\r\nb", "ok": "a b"}"#,
+            ));
+        });
+        assert_eq!(get(&h, AGGREGATE_ID), Some("a [31mb  c  d"));
+        assert_eq!(get(&h, "ansi"), None);
+        assert_eq!(get(&h, "tab"), None);
+        assert_eq!(get(&h, "crlf"), None);
+        assert_eq!(get(&h, "ok"), Some("a b"));
+        assert_eq!(sanitize("plain"), std::borrow::Cow::Borrowed("plain"));
+    }
+
+    /// One metadata value that is no header (5,000 levels deep, beyond f64) used to
+    /// make the whole object unreadable and drop every metadata header.
+    #[test]
+    fn one_bad_metadata_value_leaves_the_others() {
+        let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        let big = format!("1{}", "0".repeat(400));
+        let meta = format!(
+            r#"{{"deep": {deep}, "big": {big}, "price": 1.50, "ok": true, "nul": null, "obj": {{"a": 1}}, "traceparent": "00-1"}}"#
+        );
+        let h = headers_of(|ev| ev.metadata = Some(Bytes::from(meta)));
+        assert_eq!(get(&h, "traceparent"), Some("00-1"));
+        assert_eq!(get(&h, "price"), Some("1.50"));
+        assert_eq!(get(&h, "ok"), Some("true"));
+        assert_eq!(get(&h, "big"), Some(big.as_str()));
+        for absent in ["deep", "nul", "obj"] {
+            assert_eq!(get(&h, absent), None, "{absent}");
+        }
+    }
+
+    #[test]
+    fn metadata_names_must_be_header_names() {
+        let long = "k".repeat(129);
+        let meta = format!(
+            r#"{{"a b": "1", "": "2", "ключ": "3", "a:b": "4", "x\u0001": "5", "{long}": "6", "nats-expected-stream": "7", "OUTBOX-TENANT-ID": "8", "ok-key": "9"}}"#
+        );
+        let h = headers_of(|ev| ev.metadata = Some(Bytes::from(meta)));
+        let names: Vec<&str> = h
+            .iter()
+            .map(|(n, _)| -> &str { n.as_ref() })
+            .filter(|n| !n.starts_with("Nats-") && !n.starts_with("Outbox-"))
+            .collect();
+        assert_eq!(names, ["ok-key"]);
     }
 }

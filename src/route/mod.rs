@@ -80,7 +80,7 @@ impl Router {
         let Some(prefix) = &self.prefix else {
             return envs;
         };
-        let rendered = prefix.render(ev);
+        let rendered = prefix.render_prefix(ev);
         for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
             let inside = match &rendered {
                 Ok(p) => {
@@ -156,13 +156,13 @@ impl Router {
         let fan_out = targets.len() > 1;
         targets
             .into_iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(n, t)| {
                 let (subject, dead_letter) = match t {
                     Ok(subject) => (subject, None),
                     Err((subject, reason)) => (sanitize_subject_for_dlq(&subject), Some(reason)),
                 };
-                // Copies of one event in one stream must not dedup each other.
-                let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
+                let msg_id = fan_out.then(|| copy_msg_id(ev, n, &subject, dead_letter.is_some()));
                 self.envelope(ev, pos(), subject, msg_id, dead_letter)
             })
             .collect()
@@ -180,26 +180,24 @@ impl Router {
         let fan_out = targets.len() > 1;
         targets
             .into_iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(n, t)| {
                 let (subject, dead_letter) = match t.subject {
                     Ok(s) => match validate_subject(&s) {
                         Ok(()) => (s, None),
                         Err(e) => (
                             sanitize_subject_for_dlq(&s),
-                            Some(format!("subject {s:?}: {e}")),
+                            Some(format!("subject {}: {e}", quoted(&s))),
                         ),
                     },
                     Err(reason) => (fallback_subject(ev), Some(reason)),
                 };
-                let msg_id = fan_out.then(|| format!("{}:{subject}", ev.id_str()));
+                let msg_id = fan_out.then(|| copy_msg_id(ev, n, &subject, dead_letter.is_some()));
                 let mut env = self.envelope(ev, pos(), subject, msg_id, dead_letter);
                 env.payload = t.payload;
                 env.all_or_nothing = t.strategy == rules::Strategy::AllOrNothing && fan_out;
                 for (name, value) in t.headers {
-                    if let Ok(v) = <async_nats::HeaderValue as std::str::FromStr>::from_str(&value)
-                    {
-                        env.headers.insert(name.as_str(), v);
-                    }
+                    env.headers.insert(name.as_str(), headers::value(&value));
                 }
                 env
             })
@@ -261,6 +259,31 @@ fn is_json_null(raw: &Bytes) -> bool {
 
 type Target = Result<String, (String, String)>;
 
+/// `Nats-Msg-Id` of copy `n` of a fan-out, so that copies in one stream do not dedup
+/// each other: `<id>:<subject>` for a copy routed to `subject`, `<id>:dead letter <n>`
+/// for one dead-lettered while routing. Distinct by construction (routed subjects are
+/// distinct and have no spaces); keyed by the dead-letter subject instead, `outbox.>`
+/// and `outbox.*` both became `<id>:outbox._`, as did a copy routed to `outbox._`, and
+/// JetStream dropped the later ones as duplicates.
+fn copy_msg_id(ev: &OutboxEvent, n: usize, subject: &str, dead_letter: bool) -> String {
+    if dead_letter {
+        format!("{}:dead letter {n}", ev.id_str())
+    } else {
+        format!("{}:{subject}", ev.id_str())
+    }
+}
+
+/// `s` quoted for a dead-letter reason, cut to 128 bytes: a row can make an entry
+/// megabytes long.
+fn quoted(s: &str) -> String {
+    let cut = truncate_at_char(s, 128);
+    if cut.len() == s.len() {
+        format!("{s:?}")
+    } else {
+        format!("{cut:?}… ({} bytes)", s.len())
+    }
+}
+
 /// `destination_topics` is a JSON array of subject strings. Each is validated strictly
 /// (no sanitising: an explicit subject is used as written or refused).
 fn destination_subjects(raw: &Bytes) -> Result<Vec<Target>, String> {
@@ -275,7 +298,10 @@ fn destination_subjects(raw: &Bytes) -> Result<Vec<Target>, String> {
         .filter(|s| seen.insert(s.clone()))
         .map(|s| match validate_subject(&s) {
             Ok(()) => Ok(s),
-            Err(e) => Err((s.clone(), format!("destination_topics entry {s:?}: {e}"))),
+            Err(e) => Err((
+                s.clone(),
+                format!("destination_topics entry {}: {e}", quoted(&s)),
+            )),
         })
         .collect())
 }
@@ -297,10 +323,20 @@ fn sanitize_subject_for_dlq(s: &str) -> String {
     if tokens.is_empty() {
         "unroutable".into()
     } else {
-        let mut out = tokens.join(".");
-        out.truncate(200);
-        out.trim_end_matches('.').to_string()
+        let out = tokens.join(".");
+        truncate_at_char(&out, 200)
+            .trim_end_matches('.')
+            .to_string()
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_at_char(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 #[cfg(test)]

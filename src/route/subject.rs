@@ -30,17 +30,21 @@ pub fn validate_subject(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Characters a field value cannot keep inside a subject token.
+fn unsafe_in_token(c: char) -> bool {
+    c == '*' || c == '>' || c.is_whitespace() || c.is_control()
+}
+
 /// Make a field value safe inside one subject token: wildcards, whitespace and control
 /// characters become `_`. Dots are kept, so `order.created` adds a level, as users expect.
 pub fn sanitize_token(value: &str) -> String {
     value
         .chars()
-        .map(|c| {
-            if c == '*' || c == '>' || c.is_whitespace() || c.is_control() {
-                '_'
-            } else {
-                c
-            }
-        })
+        .map(|c| if unsafe_in_token(c) { '_' } else { c })
         .collect()
+}
+
+/// `value` is exactly one subject token as written: no `.`, nothing to sanitise.
+pub fn is_single_token(value: &str) -> bool {
+    !value.chars().any(|c| c == '.' || unsafe_in_token(c))
 }

@@ -1,6 +1,6 @@
 //! Subject templates such as `outbox.{aggregate_type}.{event_topic}`.
 
-use super::subject::{sanitize_token, validate_subject};
+use super::subject::{is_single_token, sanitize_token, validate_subject};
 use crate::decode::OutboxEvent;
 
 /// Event fields a template can name.
@@ -107,6 +107,18 @@ impl Template {
     /// The subject for `ev`; an error (a dead-letter reason) when a field it needs is NULL
     /// or the result is not a valid subject.
     pub fn render(&self, ev: &OutboxEvent) -> Result<String, String> {
+        self.render_with(ev, false)
+    }
+
+    /// The enforced prefix (`routing.subject_prefix`) for `ev`: as [`Template::render`],
+    /// but every field value must be one subject token as written. Otherwise tenant
+    /// `acme.x` would get a prefix inside tenant `acme`'s, and tenant `a b` would share
+    /// tenant `a_b`'s.
+    pub fn render_prefix(&self, ev: &OutboxEvent) -> Result<String, String> {
+        self.render_with(ev, true)
+    }
+
+    fn render_with(&self, ev: &OutboxEvent, single_tokens: bool) -> Result<String, String> {
         let mut out = String::with_capacity(64);
         for p in &self.parts {
             match p {
@@ -118,6 +130,13 @@ impl Template {
                             f.name()
                         )
                     })?;
+                    if single_tokens && !is_single_token(v) {
+                        return Err(format!(
+                            "field {} is {}, not one subject token (a prefix field may not contain '.', '*', '>', whitespace or control characters)",
+                            f.name(),
+                            super::quoted(v)
+                        ));
+                    }
                     if v.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
                     {
@@ -128,7 +147,8 @@ impl Template {
                 }
             }
         }
-        validate_subject(&out).map_err(|e| format!("routed subject {out:?}: {e}"))?;
+        validate_subject(&out)
+            .map_err(|e| format!("routed subject {}: {e}", super::quoted(&out)))?;
         Ok(out)
     }
 }

@@ -249,3 +249,102 @@ fn fan_out_copies_get_consecutive_positions_and_origin() {
     assert_eq!(header(&envs[1], "Outbox-Tx-Index"), Some("4"));
     assert_eq!(header(&envs[0], "Outbox-Origin"), Some("app/outbox_relay"));
 }
+
+/// The dead-letter subject is cut to 200 bytes; cutting inside a multi-byte character
+/// panicked (the relay crashed on the row, and again on every replay of it).
+#[test]
+fn long_multibyte_subjects_dead_letter_without_panic() {
+    let long = format!("outbox.{}", "é".repeat(130));
+    let mut ev = event(&format!("x{}", "é".repeat(150)), None);
+    ev.destination_topics = Some(Bytes::from(format!(r#"["{long}"]"#)));
+    let envs = route(&router(), &ev);
+    assert!(
+        envs[0]
+            .dead_letter
+            .as_ref()
+            .unwrap()
+            .contains("longer than 255")
+    );
+    ev.destination_topics = None;
+    let envs = envs.into_iter().chain(route(&router(), &ev));
+    for e in envs {
+        assert!(e.dead_letter.is_some());
+        assert!(e.subject.len() <= 200, "{}", e.subject);
+        validate_subject(&e.subject).unwrap();
+    }
+    assert_eq!(truncate_at_char("aé", 2), "a");
+    assert_eq!(truncate_at_char("aé", 3), "aé");
+}
+
+/// `outbox.>` and `outbox.*` are dead-lettered under `outbox._`, the subject of the valid
+/// entry `outbox._`: keyed by subject, all three copies had one `Nats-Msg-Id` and
+/// JetStream kept only the first (the routed copy was lost).
+#[test]
+fn fan_out_copies_never_share_a_msg_id() {
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from_static(
+        br#"["outbox.>", "outbox._", "outbox.*", "outbox..x", "outbox.x."]"#,
+    ));
+    let envs = route(&router(), &ev);
+    let ids: Vec<&str> = envs
+        .iter()
+        .map(|e| header(e, "Nats-Msg-Id").unwrap())
+        .collect();
+    let id = "0b0c9d2e-0000-4000-8000-000000000001";
+    assert_eq!(
+        ids,
+        [
+            format!("{id}:dead letter 0"),
+            format!("{id}:outbox._"),
+            format!("{id}:dead letter 2"),
+            format!("{id}:dead letter 3"),
+            format!("{id}:dead letter 4"),
+        ]
+    );
+}
+
+/// A reason quotes the failing entry, cut: a row can make it megabytes long.
+#[test]
+fn reasons_quote_long_entries_cut() {
+    let mut ev = event("created", Some("order"));
+    ev.destination_topics = Some(Bytes::from(format!(r#"["{}"]"#, "a".repeat(10_000))));
+    let reason = route(&router(), &ev)[0].dead_letter.clone().unwrap();
+    assert!(reason.len() < 250, "{reason}");
+    assert!(reason.contains("(10000 bytes)") && reason.ends_with("longer than 255 bytes"));
+}
+
+/// A per-tenant prefix: a tenant value that is not one token as written could reach
+/// another tenant's subjects (`acme.evil` publishes below `tenants.acme`; `a b` and
+/// `a*b` share `tenants.a_b`).
+#[test]
+fn prefix_fields_must_be_single_tokens() {
+    let r = Router::new(
+        Template::parse("tenants.{tenant_id}.{event_topic}").unwrap(),
+        "app/outbox_relay",
+    )
+    .with_prefix(Some(Template::parse("tenants.{tenant_id}").unwrap()));
+    let mut ev = event("created", Some("order"));
+    for (tenant, ok) in [
+        ("acme", true),
+        ("ünï-😀_1", true),
+        ("acme.evil", false),
+        ("a b", false),
+        ("a*b", false),
+        (">", false),
+        ("", false),
+    ] {
+        ev.tenant_id = Some(Bytes::copy_from_slice(tenant.as_bytes()));
+        let e = &route(&r, &ev)[0];
+        assert_eq!(
+            e.dead_letter.is_none(),
+            ok,
+            "{tenant:?}: {:?}",
+            e.dead_letter
+        );
+        if ok {
+            assert_eq!(e.subject, format!("tenants.{tenant}.created"));
+        } else {
+            validate_subject(&e.subject).unwrap();
+        }
+    }
+}

@@ -350,44 +350,48 @@ impl Sink {
     /// error is transient: nothing is skipped, the event is retried.
     async fn dead_letter(&mut self, env: Envelope, reason: &str) -> Result<()> {
         let subject = format!("{}.{}", self.dlq_prefix, env.subject);
-        let mut headers = env.headers.clone();
-        let reason_value =
-            HeaderValue::from_str(&reason.replace(['\r', '\n'], " ")).unwrap_or_default();
-        headers.insert(HeaderName::from_static(headers::DLQ_REASON), reason_value);
-        if let Ok(v) = HeaderValue::from_str(&env.subject) {
-            headers.insert(HeaderName::from_static(headers::DLQ_SUBJECT), v);
-        }
+        let reason = dead_letter_reason(reason);
+        let mut headers = env.headers;
+        headers.insert(
+            HeaderName::from_static(headers::DLQ_REASON),
+            headers::value(&reason),
+        );
+        headers.insert(
+            HeaderName::from_static(headers::DLQ_SUBJECT),
+            headers::value(&env.subject),
+        );
         tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
-        let mut payload = env.payload.clone();
-        let attempt = self
-            .js
-            .send_publish(
-                subject.clone(),
-                jetstream::message::PublishMessage::build()
-                    .payload(payload.clone())
-                    .headers(headers.clone()),
-            )
-            .await;
-        let fut = match attempt {
-            Ok(f) => f,
-            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                // The row is still in the table; the dead letter says where to find it.
-                payload = Bytes::new();
-                self.js
-                    .send_publish(
-                        subject.clone(),
-                        jetstream::message::PublishMessage::build()
-                            .payload(payload)
-                            .headers(headers),
-                    )
-                    .await
-                    .map_err(|e| publish_error(&self.health, &self.denials, &e))?
+        let mut payload = env.payload;
+        let mut trimmed = false;
+        let fut = loop {
+            let attempt = self
+                .js
+                .send_publish(
+                    subject.clone(),
+                    jetstream::message::PublishMessage::build()
+                        .payload(payload.clone())
+                        .headers(headers.clone()),
+                )
+                .await;
+            match attempt {
+                Ok(f) => break f,
+                // Too large even as a dead letter. The row is still in the table; the
+                // dead letter says where to find it: first without the payload, then
+                // also without the headers that came from the row (a huge metadata
+                // value or column), which would otherwise fail it on every replay.
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded && !trimmed => {
+                    if payload.is_empty() {
+                        headers = essential_headers(&headers);
+                        trimmed = true;
+                    }
+                    payload = Bytes::new();
+                }
+                Err(e) => return Err(publish_error(&self.health, &self.denials, &e)),
             }
-            Err(e) => return Err(publish_error(&self.health, &self.denials, &e)),
         };
         match fut.await {
             Ok(_) => {
-                self.health.dead_lettered(dead_letter_kind(reason));
+                self.health.dead_lettered(dead_letter_kind(&reason));
                 Ok(())
             }
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Err(Error::transient(format!(
@@ -400,6 +404,40 @@ impl Sink {
             Err(e) => Err(publish_error(&self.health, &self.denials, &e)),
         }
     }
+}
+
+/// Longest `Outbox-Dlq-Reason`: reasons quote the failing subject or
+/// `destination_topics` entry, which a row can make megabytes long.
+const MAX_REASON: usize = 1024;
+
+/// The reason as written to the header and the log: at most [`MAX_REASON`] bytes.
+fn dead_letter_reason(reason: &str) -> String {
+    let cut = crate::route::truncate_at_char(reason, MAX_REASON);
+    if cut.len() == reason.len() {
+        reason.to_string()
+    } else {
+        format!("{cut}… ({} bytes)", reason.len())
+    }
+}
+
+/// The relay's own headers of a dead letter, each short whatever the row held: what is
+/// left of a dead letter too large even without its payload.
+fn essential_headers(all: &async_nats::HeaderMap) -> async_nats::HeaderMap {
+    let mut out = async_nats::HeaderMap::new();
+    for name in [
+        headers::MSG_ID,
+        headers::EVENT_ID,
+        headers::ORIGIN,
+        headers::COMMIT_LSN,
+        headers::TX_INDEX,
+        headers::DLQ_REASON,
+        headers::DLQ_SUBJECT,
+    ] {
+        if let Some(v) = all.get(name) {
+            out.insert(HeaderName::from_static(name), v.clone());
+        }
+    }
+    out
 }
 
 /// Failures that retrying can never fix for this message. "No stream" is not among
@@ -443,4 +481,47 @@ fn publish_error(
     }
     Error::transient(format!("jetstream publish: {e}"))
         .hint("check nats-server health and the target stream; the relay replays from the first unacknowledged event")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_REASON, dead_letter_reason, essential_headers, headers};
+
+    /// A dead letter too large even without its payload (a row's metadata value or
+    /// column of several MB became a header) failed on every replay: the relay stalled.
+    /// What is left after trimming is small whatever the row held.
+    #[test]
+    fn trimmed_dead_letter_keeps_only_short_relay_headers() {
+        let huge = "x".repeat(9 << 20);
+        let mut h = async_nats::HeaderMap::new();
+        for (name, value) in [
+            (headers::MSG_ID, "0b0c9d2e-0000-4000-8000-000000000001"),
+            (headers::EVENT_ID, "0b0c9d2e-0000-4000-8000-000000000001"),
+            (headers::TX_INDEX, "3"),
+            (headers::SOURCE, huge.as_str()),
+            (headers::EVENT_TOPIC, huge.as_str()),
+            ("traceparent", huge.as_str()),
+        ] {
+            h.insert(name, crate::route::headers::value(value));
+        }
+        let reason = dead_letter_reason(&format!("destination_topics entry {huge:?}"));
+        assert!(reason.len() < MAX_REASON + 32, "{}", reason.len());
+        h.insert(headers::DLQ_REASON, crate::route::headers::value(&reason));
+        let kept = essential_headers(&h);
+        let size: usize = kept
+            .iter()
+            .flat_map(|(k, vs)| {
+                vs.iter()
+                    .map(move |v| AsRef::<str>::as_ref(k).len() + v.as_str().len())
+            })
+            .sum();
+        assert!(size < 2048, "{size}");
+        assert_eq!(kept.get(headers::TX_INDEX).map(|v| v.as_str()), Some("3"));
+        assert!(kept.get(headers::SOURCE).is_none() && kept.get("traceparent").is_none());
+        assert_eq!(dead_letter_reason("short"), "short");
+        assert_eq!(
+            dead_letter_reason(&"é".repeat(600)).len(),
+            1024 + "… (1200 bytes)".len()
+        );
+    }
 }

@@ -314,7 +314,7 @@ impl Target {
             .iter()
             .filter_map(|(name, value)| {
                 let v = value.render(view)?;
-                Some((name.clone(), v.replace(['\r', '\n'], " ")))
+                Some((name.clone(), super::headers::sanitize(&v).into_owned()))
             })
             .collect();
         RoutedTarget {
