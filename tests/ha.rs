@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{Producer, verify_exactly_once};
 use crate::harness::*;
-use crate::support::nats::{Nats, NatsCluster};
+use crate::support::nats::NatsCluster;
 use crate::support::postgres::Postgres;
 use crate::support::{free_port, wait_for};
 
@@ -104,7 +104,7 @@ async fn standby_takes_over_after_sigkill_exactly_once() {
 async fn nats_cluster_leader_loss_under_load_exactly_once() {
     let mut cluster = NatsCluster::start(3).await;
     let url = cluster.url();
-    let first = cluster.nodes.remove(0);
+    let first = cluster.take("n0");
     let mut env = Env::start_with(Postgres::start(), first).await;
     env.write_config("replicas = 3\n");
     let nats_env = [("OUTBOX_RELAY_NATS_URL", url.as_str())];
@@ -113,39 +113,46 @@ async fn nats_cluster_leader_loss_under_load_exactly_once() {
     let mut relay = env.spawn_relay_env(&nats_env);
 
     let producer = Producer::start(env.pg.url("app"), 20_000, 5, 2_000);
-    let servers: Vec<async_nats::ServerAddr> =
-        url.split(',').map(|u| u.parse().unwrap()).collect();
+    let servers: Vec<async_nats::ServerAddr> = url.split(',').map(|u| u.parse().unwrap()).collect();
     let js = async_nats::jetstream::new(async_nats::connect(servers).await.unwrap());
     wait_for("load flowing into the replicated stream", DEADLINE, || {
         let js = js.clone();
         async move { stream_count(&js, STREAM).await > 3_000 }
     })
     .await;
-    let info = js.get_stream(STREAM).await.unwrap().info().await.unwrap().clone();
+    let info = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
     let cluster_info = info.cluster.expect("a clustered stream");
     assert_eq!(info.config.num_replicas, 3);
     let leader = cluster_info.leader.expect("a stream leader");
     let at_kill = info.state.messages;
-    let victim: &mut Nats = if leader == "n0" {
-        &mut env.nats
-    } else {
-        cluster.node_mut(&leader)
-    };
-    victim.kill();
+    // n0 went to the Env; the others are still the cluster's.
+    match cluster.node_mut(&leader) {
+        Some(node) => node.kill(),
+        None => env.nats.kill(),
+    }
     eprintln!("killed the stream leader {leader} at {at_kill} messages");
-    wait_for("the stream to grow again after the election", DEADLINE, || {
-        let js = js.clone();
-        async move { stream_count(&js, STREAM).await > at_kill + 2_000 }
-    })
+    wait_for(
+        "the stream to grow again after the election",
+        DEADLINE,
+        || {
+            let js = js.clone();
+            async move { stream_count(&js, STREAM).await > at_kill + 2_000 }
+        },
+    )
     .await;
     relay.assert_running("after the leader was killed");
     producer.finish().await;
     // Back in the cluster, so the checks can use any node.
-    let victim: &mut Nats = if leader == "n0" {
-        &mut env.nats
-    } else {
-        cluster.node_mut(&leader)
-    };
-    victim.start_again();
+    match cluster.node_mut(&leader) {
+        Some(node) => node.start_again(),
+        None => env.nats.start_again(),
+    }
     verify_exactly_once(&env).await;
 }

@@ -133,7 +133,11 @@ pub async fn connect_with(cfg: &Config, denials: Arc<Denials>) -> Result<async_n
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| {
-            crate::config::bad_key("nats.url", format!("not a server address ({e})"), "use nats://host:4222")
+            crate::config::bad_key(
+                "nats.url",
+                format!("not a server address ({e})"),
+                "use nats://host:4222",
+            )
         })?;
     auth::apply_tls(opts, cfg)?
         .connect(servers)

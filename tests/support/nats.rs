@@ -421,7 +421,8 @@ fn jetstream_account_info(url: &str) -> Result<(), String> {
 /// A JetStream cluster of `n` nats-servers on loopback (cluster routes between all),
 /// each with its own store dir; dropping it stops them all.
 pub struct NatsCluster {
-    pub nodes: Vec<Nats>,
+    /// The nodes still held, with their `server_name`.
+    nodes: Vec<(String, Nats)>,
 }
 
 impl NatsCluster {
@@ -433,45 +434,61 @@ impl NatsCluster {
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let nodes: Vec<Nats> = cluster_ports
+        let nodes: Vec<(String, Nats)> = cluster_ports
             .iter()
             .enumerate()
             .map(|(i, port)| {
-                Nats::start_without_probe(&format!(
+                let node = Nats::start_without_probe(&format!(
                     "server_name: n{i}\ncluster {{\n  name: relaytest\n  listen: 127.0.0.1:{port}\n  routes: [{routes}]\n}}\n"
-                ))
+                ));
+                (format!("n{i}"), node)
             })
             .collect();
         let cluster = NatsCluster { nodes };
         let url = cluster.url();
-        super::wait_for("the JetStream cluster to elect a meta leader", Duration::from_secs(60), || {
-            let url = url.clone();
-            async move { jetstream_ready(&url).await }
-        })
+        super::wait_for(
+            "the JetStream cluster to elect a meta leader",
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move { jetstream_ready(&url).await }
+            },
+        )
         .await;
         cluster
     }
 
     /// Every node's URL, comma-separated (the relay's `nats.url` for a cluster).
     pub fn url(&self) -> String {
-        self.nodes.iter().map(Nats::url).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(|(_, n)| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
-    /// The node named `server_name` (`n0`, `n1`, …).
-    pub fn node_mut(&mut self, server_name: &str) -> &mut Nats {
-        let i: usize = server_name
-            .trim_start_matches('n')
-            .parse()
-            .unwrap_or_else(|_| panic!("not a node name: {server_name}"));
-        &mut self.nodes[i]
+    /// The node named `server_name` (`n0`, `n1`, …), if still held.
+    pub fn node_mut(&mut self, server_name: &str) -> Option<&mut Nats> {
+        self.nodes
+            .iter_mut()
+            .find(|(name, _)| name == server_name)
+            .map(|(_, n)| n)
+    }
+
+    /// Hands one node over (e.g. to an `Env`); the cluster keeps the others.
+    pub fn take(&mut self, server_name: &str) -> Nats {
+        let i = self
+            .nodes
+            .iter()
+            .position(|(name, _)| name == server_name)
+            .unwrap_or_else(|| panic!("no node {server_name}"));
+        self.nodes.remove(i).1
     }
 }
 
 async fn jetstream_ready(urls: &str) -> bool {
-    let servers: Vec<async_nats::ServerAddr> = urls
-        .split(',')
-        .filter_map(|u| u.parse().ok())
-        .collect();
+    let servers: Vec<async_nats::ServerAddr> =
+        urls.split(',').filter_map(|u| u.parse().ok()).collect();
     let Ok(Ok(client)) =
         tokio::time::timeout(Duration::from_secs(5), async_nats::connect(servers)).await
     else {
