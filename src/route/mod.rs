@@ -298,7 +298,13 @@ fn sanitize_subject_for_dlq(s: &str) -> String {
         "unroutable".into()
     } else {
         let mut out = tokens.join(".");
-        out.truncate(200);
+        // At most 200 bytes, cut on a character boundary: a multi-byte character
+        // straddling byte 200 must not panic (found by the `route` fuzz target).
+        let mut end = out.len().min(200);
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
         out.trim_end_matches('.').to_string()
     }
 }
