@@ -18,6 +18,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
+step "supply chain: cargo deny (licences, bans, sources; advisories when the database can be fetched)"
+bash scripts/supply-chain.sh
+
 step "cargo test (unit tests, integration suite against real servers)"
 cargo test --locked
 

@@ -266,7 +266,7 @@ impl Session<'_> {
             .and_then(|s| s.active_pid)
         {
             return Err(Error::transient(format!(
-                "replication slot \"{}\" is active for pid {pid}",
+                "replication slot \"{}\" is active for PID {pid}",
                 cfg.postgres.slot
             ))
             .hint("another relay is streaming from this slot; this one waits as a standby and takes over when it goes away"));

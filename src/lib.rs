@@ -19,12 +19,16 @@
 //! - [`monitor`]: SQL-side watch beside a session: slot lag and the lag guard, lost
 //!   slots, heartbeat, retention.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics` and the shared counters.
+//! - `fuzzing` (hidden): the bodies of the fuzz targets in `fuzz/`, whose corpora
+//!   `cargo test` replays.
 pub mod app;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod monitor;

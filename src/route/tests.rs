@@ -150,6 +150,29 @@ fn hostile_destination_topics_are_refused() {
 }
 
 #[test]
+fn long_multibyte_dead_letter_subject_is_cut_on_a_char_boundary() {
+    // Found by the `route` fuzz target: the dead-letter subject was cut at byte 200
+    // whatever the character there, and a multi-byte one straddling it panicked.
+    for pad in 0..4 {
+        let topic = format!("{}{}", "a".repeat(197 + pad), "\u{20ac}".repeat(10));
+        // The template needs aggregate_type: NULL dead-letters under event_topic.
+        let null_field = event(&topic, None);
+        let mut bad_destination = event("created", Some("order"));
+        bad_destination.destination_topics = Some(Bytes::from(
+            serde_json::to_vec(&[format!("{topic} x")]).unwrap(),
+        ));
+        for ev in [null_field, bad_destination] {
+            let envs = route(&router(), &ev);
+            assert!(envs[0].dead_letter.is_some());
+            let subject = &envs[0].subject;
+            assert!(subject.len() <= 200, "{} bytes", subject.len());
+            assert!(subject.starts_with(&"a".repeat(197)), "{subject}");
+            validate_subject(subject).unwrap();
+        }
+    }
+}
+
+#[test]
 fn metadata_becomes_headers_but_cannot_forge_ours() {
     let mut ev = event("created", Some("order"));
     ev.metadata = Some(Bytes::from_static(
