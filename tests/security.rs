@@ -353,6 +353,16 @@ async fn wrong_ca_is_refused_naming_the_certificate() {
         out.text()
     );
 
+    // `require` encrypts without authenticating the server (libpq's meaning): the
+    // certificate is not checked against any CA.
+    let text = std::fs::read_to_string(env.config_path()).unwrap().replace(
+        &format!("sslmode=verify-full&sslrootcert={}", other.pem.display()),
+        "sslmode=require",
+    );
+    env.write_raw_config(&text);
+    let out = env.cli_env(&["migrate"], &secrets);
+    assert!(out.status.success(), "sslmode=require: {}", out.text());
+
     s.write_config("postgres", &s.ca.pem, &s.ca.pem);
     assert!(env.cli_env(&["migrate"], &secrets).status.success());
 

@@ -297,77 +297,30 @@ fn client_config(t: &TlsSettings) -> Result<rustls::ClientConfig> {
         }
         None => builder.with_no_client_auth(),
     };
-    match t.mode {
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => {
-            config
-                .dangerous()
-                .set_certificate_verifier(Arc::new(NoVerify(provider)));
-        }
-        SslMode::VerifyCa => {
-            let inner =
-                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .map_err(|e| Error::fatal(format!("tls setup: {e}")))?;
-            config
-                .dangerous()
-                .set_certificate_verifier(Arc::new(ChainOnly(inner)));
-        }
-        SslMode::VerifyFull => {}
+    if t.mode != SslMode::VerifyFull {
+        let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| Error::fatal(format!("tls setup: {e}")))?;
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(Lenient {
+                chain,
+                check_chain: t.mode == SslMode::VerifyCa,
+            }));
     }
     Ok(config)
 }
 
-/// `prefer`/`require`: encrypted, server not authenticated (libpq's meaning).
+/// The server checks below `verify-full` (libpq's meanings): `prefer`/`require`
+/// encrypt without authenticating the server; `verify-ca` checks the chain but not the
+/// name. Handshake signatures are always verified.
 #[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Lenient {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    check_chain: bool,
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -376,8 +329,11 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        if !self.check_chain {
+            return Ok(ServerCertVerified::assertion());
+        }
         match self
-            .0
+            .chain
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
         {
             Err(rustls::Error::InvalidCertificate(
@@ -393,7 +349,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.chain.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -401,10 +357,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.chain.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.chain.supported_verify_schemes()
     }
 }
 
