@@ -340,4 +340,6 @@ pub fn truncate_at_char(s: &str, max: usize) -> &str {
 }
 
 #[cfg(test)]
+mod scenarios;
+#[cfg(test)]
 mod tests;
