@@ -98,7 +98,10 @@ async fn watch_loop(
         let Some(c) = client.as_ref() else { continue };
         let result = match due {
             Due::Lag => {
-                let r = check_slot(c, &cfg, &health, &mut warned).await;
+                let r = match check_publication(c, &cfg).await {
+                    Ok(()) => check_slot(c, &cfg, &health, &mut warned).await,
+                    Err(e) => Err(e),
+                };
                 log_stall_changes(&health, &mut stalled);
                 r
             }
@@ -136,6 +139,40 @@ fn log_stall_changes(health: &Health, stalled: &mut bool) {
         }
         _ => {}
     }
+}
+
+/// The publication must still publish the outbox table. PostgreSQL up to 17 stops the
+/// stream with an error at the next change when it is dropped; PostgreSQL 18 skips a
+/// missing publication with a warning in its own log and streams nothing for the table,
+/// so without this look the relay would go on confirming positions, silently.
+async fn check_publication(c: &Client, cfg: &Config) -> Result<()> {
+    let (schema, table) = cfg.outbox.qualified();
+    let publication = &cfg.postgres.publication;
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+                    EXISTS (SELECT 1 FROM pg_publication_tables
+                            WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
+            &[publication, &schema, &table],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?;
+    let (exists, published): (bool, bool) = (row.get(0), row.get(1));
+    if published {
+        return Ok(());
+    }
+    let what = if exists {
+        format!("publication {publication} no longer publishes {schema}.{table}")
+    } else {
+        format!("publication {publication} does not exist any more")
+    };
+    Err(Error::fatal(format!(
+        "{what} (changed while the relay ran): rows committed since are not decoded"
+    ))
+    .hint(
+        "recreate it with `outbox-relay migrate`, then republish rows committed since from the outbox \
+         table (see docs/operations.md); never drop the publication of a running relay",
+    ))
 }
 
 /// Refresh the lag gauge, apply the lag guard, detect an invalidated slot.

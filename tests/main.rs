@@ -52,7 +52,7 @@ mod selftest {
             t.elapsed(),
             pg.port()
         );
-        assert!(pg.bin("pg_recvlogical").is_file());
+        assert!(pg.tool("pg_recvlogical").is_file());
         assert!(pg.data_dir().join("PG_VERSION").is_file());
         assert_eq!(
             pg.url("x"),
@@ -160,7 +160,7 @@ mod selftest {
         c.batch_execute("SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
             .await
             .unwrap();
-        let mut recv = std::process::Command::new(pg.bin("pg_recvlogical"))
+        let mut recv = std::process::Command::new(pg.tool("pg_recvlogical"))
             .args([
                 "-d",
                 &pg.url("postgres"),

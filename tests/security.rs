@@ -152,7 +152,7 @@ subjects = ["outbox.>"]
         let pg = &self.env.pg;
         let socket_dir = pg.data_dir().parent().expect("pg root");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/relay-role.sql");
-        let out = std::process::Command::new(pg.psql())
+        let out = std::process::Command::new(pg.tool("psql"))
             .arg("-h")
             .arg(socket_dir)
             .args([

@@ -311,11 +311,11 @@ impl Postgres {
         self.bin.join(name)
     }
 
-    /// A `psql` to talk to this server: the bin dir's own, else any Debian one (some
-    /// server-only builds, like the npm package's, ship none; psql talks to newer
-    /// servers fine).
-    pub fn psql(&self) -> PathBuf {
-        let own = self.bin("psql");
+    /// A client tool (`psql`, `pg_recvlogical`) to use with this server: the bin dir's
+    /// own, else a Debian one (server-only builds, like the npm package's, ship none;
+    /// the clients speak to newer servers fine), else the one on PATH.
+    pub fn tool(&self, name: &str) -> PathBuf {
+        let own = self.bin(name);
         if own.is_file() {
             return own;
         }
@@ -323,9 +323,9 @@ impl Postgres {
             .into_iter()
             .flatten()
             .flatten()
-            .map(|e| e.path().join("bin/psql"))
+            .map(|e| e.path().join("bin").join(name))
             .find(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("psql"))
+            .unwrap_or_else(|| PathBuf::from(name))
     }
 
     /// `server_version_num`, e.g. 150020 or 180004.
