@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::monitor::{Delivered, Monitor};
 use crate::progress::Tracker;
-use crate::route::{Envelope, Router, Template};
+use crate::route::{Envelope, FallbackRole, Router, Template};
 use crate::sink::streams::StreamIndex;
 use crate::sink::{self, Sink};
 use crate::source::{Event, Stream, admin};
@@ -620,6 +620,7 @@ impl Session<'_> {
             env.stream = self.destination(env, &mut st.index, sink).await?;
             env.committed_at_us = committed_at_us;
         }
+        let mut envs = self.take_fallbacks(event, envs, st, sink).await?;
         if let Some(reason) = all_or_nothing_failure(&envs) {
             for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
                 env.dead_letter = Some(format!(
@@ -647,6 +648,55 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Under `best_effort`, a copy found unpublishable here (no stream captures its
+    /// subject, over `max_payload`) is replaced by its route's fallback, as a copy whose
+    /// subject could not be rendered already was by the router; copies that fall back
+    /// share one fallback copy, and a fallback that cannot be published either leaves
+    /// the copy to be dead-lettered. Decided from the event and the streams alone, so a
+    /// replay decides the same.
+    async fn take_fallbacks(
+        &self,
+        event: &decode::OutboxEvent,
+        envs: Vec<Envelope>,
+        st: &mut State,
+        sink: &Sink,
+    ) -> Result<Vec<Envelope>> {
+        let fan_out = envs.len() > 1;
+        let mut taken = envs
+            .iter()
+            .any(|e| e.fallback == FallbackRole::Copy && e.dead_letter.is_none());
+        let mut out = Vec::with_capacity(envs.len());
+        for env in envs {
+            let FallbackRole::Available(route) = env.fallback else {
+                out.push(env);
+                continue;
+            };
+            let fb = match env.dead_letter {
+                Some(_) => self.router.fallback_for(event, route, env.pos, fan_out),
+                None => None,
+            };
+            let Some(mut fb) = fb else {
+                out.push(env);
+                continue;
+            };
+            if taken {
+                // One fallback copy per event; this copy's position stays unused.
+                continue;
+            }
+            fb.committed_at_us = env.committed_at_us;
+            fb.dead_letter = too_large(&fb, st.max_payload);
+            fb.stream = self.destination(&mut fb, &mut st.index, sink).await?;
+            if fb.dead_letter.is_some() {
+                out.push(env);
+                continue;
+            }
+            tracing::debug!(subject = %env.subject, fallback = %fb.subject, reason = env.dead_letter.as_deref().unwrap_or(""), "target unpublishable: its route's fallback takes it");
+            taken = true;
+            out.push(fb);
+        }
+        Ok(out)
     }
 
     /// One pgoutput message of the stream (Begin/Commit come pre-parsed).
@@ -714,9 +764,8 @@ mod tests {
             headers: Default::default(),
             payload: Default::default(),
             dead_letter: dead.map(str::to_string),
-            stream: String::new(),
-            committed_at_us: 0,
             all_or_nothing: aon,
+            ..Envelope::default()
         };
         assert_eq!(
             all_or_nothing_failure(&[env(true, None), env(true, Some("no stream"))]),

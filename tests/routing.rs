@@ -43,6 +43,25 @@ subject = "outbox.payments.ok"
 
 [[route.targets]]
 subject = "nostream.payments"
+
+[[route]]
+name = "shipments"
+match = { aggregate_type = "shipment" }
+fallback = { subject = "outbox.shipments.fallback" }
+
+[[route.targets]]
+subject = "outbox.shipments.ok"
+
+[[route.targets]]
+subject = "nostream.shipments"
+
+[[route]]
+name = "returns"
+match = { aggregate_type = "return" }
+fallback = { subject = "nostream.fallback" }
+
+[[route.targets]]
+subject = "nostream.returns"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,12 +87,16 @@ async fn rules_route_transform_sample_and_fall_back() {
            INSERT INTO outbox_events (event_topic, aggregate_type, payload)
              VALUES ('created', 'user', '{"k": 1}');
            INSERT INTO outbox_events (event_topic, aggregate_type, payload)
-             VALUES ('issued', 'refund', '{"k": 2}');"#,
+             VALUES ('issued', 'refund', '{"k": 2}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             VALUES ('sent', 'shipment', '{"k": 3}');
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             VALUES ('back', 'return', '{"k": 4}');"#,
     )
     .await
     .unwrap();
     let js = env.js().await;
-    let msgs = wait_read(&js, STREAM, 7).await;
+    let msgs = wait_read(&js, STREAM, 10).await;
     assert_eq!(
         subjects(&msgs),
         [
@@ -89,7 +112,21 @@ async fn rules_route_transform_sample_and_fall_back() {
             "outbox.user.created",
             // Refund without aggregate_id: its target cannot render, the fallback takes it.
             "outbox.refunds.unrouted",
+            // Shipment: one target has no stream (found at publish time): under
+            // best_effort the fallback takes that copy.
+            "outbox.shipments.ok",
+            "outbox.shipments.fallback",
+            // Return: its target and its fallback have no stream: dead-lettered.
+            "outbox.dlq.nostream.returns",
         ]
+    );
+    assert_ne!(msgs[7].msg_id(), msgs[8].msg_id());
+    assert!(
+        msgs[9]
+            .header("Outbox-Dlq-Reason")
+            .is_some_and(|r| r.contains("no stream captures")),
+        "{:?}",
+        msgs[9].header("Outbox-Dlq-Reason")
     );
     let big: serde_json::Value = serde_json::from_slice(&msgs[0].payload).unwrap();
     assert_eq!(

@@ -29,7 +29,7 @@ pub struct Position {
 }
 
 /// One message to publish.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Envelope {
     pub pos: Position,
     pub subject: String,
@@ -46,6 +46,21 @@ pub struct Envelope {
     /// One of an `all_or_nothing` fan-out: if any copy of the event would be
     /// dead-lettered, all are (decided by the pipeline before publishing any).
     pub all_or_nothing: bool,
+    /// Its part in a rules route's `fallback` (see [`Router::fallback_for`]).
+    pub fallback: FallbackRole,
+}
+
+/// How a message relates to its route's fallback target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FallbackRole {
+    /// Not from a `best_effort` rules target, or its route has no fallback.
+    #[default]
+    None,
+    /// A `best_effort` target of route `n`: if the pipeline finds it unpublishable
+    /// (no stream captures the subject, over `max_payload`), the fallback replaces it.
+    Available(usize),
+    /// The fallback copy itself.
+    Copy,
 }
 
 /// The default router: a subject template, overridden per row by `destination_topics`.
@@ -193,9 +208,17 @@ impl Router {
                     Err(reason) => (fallback_subject(ev), Some(reason)),
                 };
                 let msg_id = fan_out.then(|| copy_msg_id(ev, n, &subject, dead_letter.is_some()));
+                let ok = dead_letter.is_none();
                 let mut env = self.envelope(ev, pos(), subject, msg_id, dead_letter);
                 env.payload = t.payload;
                 env.all_or_nothing = t.strategy == rules::Strategy::AllOrNothing && fan_out;
+                env.fallback = match t.target {
+                    rules::TargetRef::Fallback => FallbackRole::Copy,
+                    _ if ok && t.strategy == rules::Strategy::BestEffort => {
+                        FallbackRole::Available(t.route)
+                    }
+                    _ => FallbackRole::None,
+                };
                 for (name, value) in t.headers {
                     env.headers.insert(name.as_str(), headers::value(&value));
                 }
@@ -218,10 +241,35 @@ impl Router {
             subject,
             payload: ev.payload.clone(),
             dead_letter,
-            stream: String::new(),
-            committed_at_us: 0,
-            all_or_nothing: false,
+            ..Envelope::default()
         }
+    }
+
+    /// The fallback copy of `ev` for rules route `route`, at position `pos` (that of
+    /// the copy it replaces, so a replay decides the same), or `None` when the route has
+    /// no fallback or it cannot be published either (its subject does not render, is
+    /// invalid, or leaves the enforced prefix). `fan_out`: the event has several copies
+    /// (then `Nats-Msg-Id` is `<id>:<subject>`).
+    pub fn fallback_for(
+        &self,
+        ev: &OutboxEvent,
+        route: usize,
+        pos: Position,
+        fan_out: bool,
+    ) -> Option<Envelope> {
+        let t = self.rules.as_ref()?.fallback(route, ev)?;
+        let subject = t.subject.ok()?;
+        validate_subject(&subject).ok()?;
+        let msg_id = fan_out.then(|| copy_msg_id(ev, 0, &subject, false));
+        let mut env = self.envelope(ev, pos, subject, msg_id, None);
+        env.payload = t.payload;
+        env.fallback = FallbackRole::Copy;
+        for (name, value) in t.headers {
+            env.headers.insert(name.as_str(), headers::value(&value));
+        }
+        self.enforce_prefix(ev, vec![env])
+            .pop()
+            .filter(|e| e.dead_letter.is_none())
     }
 }
 

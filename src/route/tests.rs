@@ -371,3 +371,53 @@ fn prefix_fields_must_be_single_tokens() {
         }
     }
 }
+
+/// The fallback that replaces a copy found unpublishable by the pipeline: at that
+/// copy's position, never outside the enforced prefix, absent without a fallback.
+#[test]
+fn fallback_for_takes_the_position_and_keeps_to_the_prefix() {
+    let rules = rules::Rules::from_toml(
+        r#"
+[[route]]
+name = "r"
+fallback = { subject = "outbox.{tenant_id}.fallback" }
+[[route.targets]]
+subject = "outbox.{tenant_id}.a"
+
+[[route]]
+name = "none"
+match = { aggregate_type = "none" }
+[[route.targets]]
+subject = "x"
+"#,
+    )
+    .unwrap();
+    let r = router().with_rules(Some(rules.clone()));
+    let ev = event("t", Some("order"));
+    let pos = Position {
+        commit_lsn: LSN,
+        index: 7,
+    };
+    let fb = r.fallback_for(&ev, 0, pos, true).expect("a fallback");
+    assert_eq!(fb.subject, "outbox.default.fallback");
+    assert_eq!(fb.pos, pos);
+    assert_eq!(fb.fallback, FallbackRole::Copy);
+    assert_eq!(
+        header(&fb, "Nats-Msg-Id"),
+        Some("0b0c9d2e-0000-4000-8000-000000000001:outbox.default.fallback")
+    );
+    assert!(
+        r.fallback_for(&ev, 1, pos, false).is_none(),
+        "route without fallback"
+    );
+    let fenced = router()
+        .with_rules(Some(rules))
+        .with_prefix(Some(Template::parse("outbox.other").unwrap()));
+    assert!(
+        fenced.fallback_for(&ev, 0, pos, false).is_none(),
+        "outside the prefix"
+    );
+    // The routed copy of a best_effort target offers the fallback.
+    let envs = route(&r, &ev);
+    assert_eq!(envs[0].fallback, FallbackRole::Available(0));
+}

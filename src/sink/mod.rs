@@ -341,10 +341,8 @@ impl Sink {
             subject: sent.subject,
             headers,
             payload: sent.payload,
-            dead_letter: None,
-            stream: String::new(),
             committed_at_us: sent.committed_at_us,
-            all_or_nothing: false,
+            ..Envelope::default()
         };
         self.dead_letter(env, reason).await
     }
