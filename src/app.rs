@@ -663,6 +663,13 @@ impl Session<'_> {
         st: &mut State,
         sink: &Sink,
     ) -> Result<Vec<Envelope>> {
+        // The common case, nothing refused that could fall back: no new vector.
+        let refused = |e: &Envelope| {
+            matches!(e.fallback, FallbackRole::Available(_)) && e.dead_letter.is_some()
+        };
+        if !envs.iter().any(refused) {
+            return Ok(envs);
+        }
         let fan_out = envs.len() > 1;
         let mut taken = envs
             .iter()
