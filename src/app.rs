@@ -258,19 +258,6 @@ impl Session<'_> {
         let origin = origin(cfg)?;
         let sql = admin::connect(cfg).await?;
         admin::preflight(&sql, cfg).await?;
-        // Another relay streaming from the slot makes this one a standby. Looked at
-        // here, with one query, so a standby's steady polling costs no NATS connection
-        // or checkpoint read; START_REPLICATION below refuses a busy slot anyway.
-        if let Some(pid) = admin::slot_info(&sql, &cfg.postgres.slot)
-            .await?
-            .and_then(|s| s.active_pid)
-        {
-            return Err(Error::transient(format!(
-                "replication slot \"{}\" is active for PID {pid}",
-                cfg.postgres.slot
-            ))
-            .hint("another relay is streaming from this slot; this one waits as a standby and takes over when it goes away"));
-        }
         if !self.notes_logged {
             for line in admin::settings_summary(&sql).await.unwrap_or_default() {
                 tracing::info!("{line}");

@@ -106,10 +106,7 @@ fn capture_problems(
 }
 
 fn problem(what: &str, fix: Option<&str>) -> admin::Problem {
-    admin::Problem {
-        what: what.to_string(),
-        fix: fix.unwrap_or("").to_string(),
-    }
+    admin::Problem::new(what, fix.unwrap_or(""))
 }
 
 #[derive(Debug, Serialize)]

@@ -32,7 +32,10 @@ pub fn decode_one(data: &[u8]) {
     let data = Bytes::copy_from_slice(data);
     let _ = parse(&data);
 
-    let router = Router::new(default_template(), ORIGIN);
+    let Some(template) = default_template() else {
+        return;
+    };
+    let router = Router::new(template, ORIGIN);
     // Both layouts, so a Debezium-shaped relation in the input can map too.
     let mut caches = [
         RelationCache::new("public", "outbox_events", ColumnMap::default()),
@@ -91,7 +94,10 @@ pub fn route_one(data: &[u8]) {
     let template = std::str::from_utf8(input.template)
         .ok()
         .and_then(|t| Template::parse(t).ok())
-        .unwrap_or_else(default_template);
+        .or_else(default_template);
+    let Some(template) = template else {
+        return;
+    };
     let prefix = std::str::from_utf8(input.prefix)
         .ok()
         .filter(|p| !p.is_empty())
@@ -193,8 +199,9 @@ fn assert_same(a: &[Envelope], b: &[Envelope]) {
     assert_eq!(a, b, "routing the same event twice differs");
 }
 
-fn default_template() -> Template {
-    Template::parse(DEFAULT_TEMPLATE).expect("the default template parses")
+/// The default `routing.subject`, which `Config::validate` checks parses.
+fn default_template() -> Option<Template> {
+    Template::parse(DEFAULT_TEMPLATE).ok()
 }
 
 /// The input of target `route`: sections separated by NUL bytes (which neither TOML, JSON
@@ -203,7 +210,7 @@ fn default_template() -> Template {
 /// 0. the rules file (TOML; empty or not UTF-8 = no rules file);
 /// 1. the subject template (empty or invalid = [`DEFAULT_TEMPLATE`]);
 /// 2. the enforced prefix template (empty or invalid = none);
-/// 3. … 15. the event's columns in the order of [`COLUMNS`]: `id`, `event_topic`,
+/// 3. … 15. the event's columns in the order of [`crate::decode::ColumnMap::fields`]: `id`, `event_topic`,
 ///    `payload` (missing = empty), then the optional ones (missing or `\N` = NULL).
 ///
 /// Sections after the last column are ignored.
@@ -213,23 +220,6 @@ pub struct RouteInput<'a> {
     pub prefix: &'a [u8],
     pub event: OutboxEvent,
 }
-
-/// The event columns of a [`RouteInput`], in order.
-pub const COLUMNS: [&str; 13] = [
-    "id",
-    "event_topic",
-    "payload",
-    "aggregate_type",
-    "aggregate_id",
-    "tenant_id",
-    "source_bc",
-    "destination_topics",
-    "schema_id",
-    "schema_version",
-    "metadata",
-    "occurred_at",
-    "created_at",
-];
 
 const NULL: &[u8] = b"\\N";
 

@@ -13,27 +13,18 @@ use crate::support::free_port;
 async fn partitioned_outbox_is_published_via_its_root() {
     let env = Env::start().await;
     let c = env.sql().await;
-    c.batch_execute(
-        "CREATE TABLE outbox_events (
-             id uuid NOT NULL DEFAULT gen_random_uuid(),
-             event_topic text NOT NULL,
-             aggregate_type text,
-             aggregate_id text,
-             tenant_id text NOT NULL DEFAULT 'default',
-             source_bc text,
-             destination_topics jsonb,
-             schema_id text,
-             schema_version int NOT NULL DEFAULT 1,
-             payload jsonb NOT NULL,
-             metadata jsonb,
-             occurred_at timestamptz NOT NULL DEFAULT now(),
-             created_at timestamptz NOT NULL DEFAULT now(),
-             PRIMARY KEY (id)
-         ) PARTITION BY HASH (id);
+    // The migration's own table, partitioned by hash of its key.
+    let table = include_str!("../migrations/V1__outbox_events.sql")
+        .replace("{schema}", "public")
+        .replace("{table}", "outbox_events")
+        .replacen("\n);\n", "\n) PARTITION BY HASH (id);\n", 1);
+    assert!(table.contains("PARTITION BY HASH"), "{table}");
+    c.batch_execute(&format!(
+        "{table}
          CREATE TABLE outbox_events_p0 PARTITION OF outbox_events FOR VALUES WITH (MODULUS 3, REMAINDER 0);
          CREATE TABLE outbox_events_p1 PARTITION OF outbox_events FOR VALUES WITH (MODULUS 3, REMAINDER 1);
-         CREATE TABLE outbox_events_p2 PARTITION OF outbox_events FOR VALUES WITH (MODULUS 3, REMAINDER 2);",
-    )
+         CREATE TABLE outbox_events_p2 PARTITION OF outbox_events FOR VALUES WITH (MODULUS 3, REMAINDER 2);"
+    ))
     .await
     .expect("partitioned table");
     let out = env.cli(&["migrate"]);

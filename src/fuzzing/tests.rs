@@ -426,3 +426,14 @@ fn write_route_fuzz_seeds() {
         std::fs::write(dir.join(name), data).unwrap();
     }
 }
+
+/// The fuzz bodies fall back to the relay's default subject template; it must parse, or
+/// they would return before checking anything.
+#[test]
+fn default_template_is_the_configs_and_parses() {
+    assert_eq!(
+        super::DEFAULT_TEMPLATE,
+        crate::config::Config::default().routing.subject
+    );
+    assert!(super::default_template().is_some());
+}

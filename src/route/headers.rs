@@ -142,19 +142,19 @@ pub fn sanitize(text: &str) -> std::borrow::Cow<'_, str> {
     if is_clean(text) {
         return std::borrow::Cow::Borrowed(text);
     }
-    let mut bytes = text.as_bytes().to_vec();
-    for b in bytes.iter_mut().filter(|b| b.is_ascii_control()) {
-        *b = b' ';
-    }
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_ascii_control() { ' ' } else { c })
+        .collect();
     let mut from = 0;
-    while let Some(at) = find_msg_id(&bytes[from..]) {
+    while let Some(at) = find_msg_id(&out.as_bytes()[from..]) {
         let at = from + at;
-        bytes[at + 4] = b'_';
-        bytes[at + 8] = b'_';
+        // The match is ASCII, so these one-byte ranges are character boundaries.
+        out.replace_range(at + 4..at + 5, "_");
+        out.replace_range(at + 8..at + 9, "_");
         from = at + MSG_ID_TEXT.len();
     }
-    // Only ASCII bytes were replaced, by ASCII bytes: still UTF-8.
-    std::borrow::Cow::Owned(String::from_utf8(bytes).expect("ascii replaced by ascii"))
+    std::borrow::Cow::Owned(out)
 }
 
 /// No control character and no `Nats-Msg-Id`: usable as a header value (or, with the

@@ -99,13 +99,17 @@ pub async fn migrate(client: &mut Client, cfg: &Config) -> Result<Vec<String>> {
 pub struct Problem {
     pub what: String,
     pub fix: String,
+    /// Set when the problem is only that another process streams from the slot: a
+    /// standby situation, which `run` waits out instead of refusing to start.
+    pub slot_holder: Option<i32>,
 }
 
 impl Problem {
-    fn new(what: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn new(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Self {
             what: what.into(),
             fix: fix.into(),
+            slot_holder: None,
         }
     }
 }
@@ -248,10 +252,14 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
             ));
         }
         if let Some(pid) = slot.active_pid {
-            problems.push(Problem::new(
-                format!("slot {} is in use by process {pid}", cfg.postgres.slot),
-                "another relay (or pg_recvlogical) is streaming from it; stop it, or this one will wait as a standby",
-            ));
+            // PostgreSQL's own words, which the supervisor recognises as "slot busy".
+            problems.push(Problem {
+                slot_holder: Some(pid),
+                ..Problem::new(
+                    format!("replication slot \"{}\" is active for PID {pid}", cfg.postgres.slot),
+                    "another relay (or pg_recvlogical) is streaming from it; stop it, or this one will wait as a standby",
+                )
+            });
         }
         if slot.wal_status.as_deref() == Some("lost") {
             problems.push(Problem::new(
@@ -531,16 +539,22 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool> {
     }
 }
 
-/// Refuse to start when the environment cannot work; all problems in one error.
+/// Refuse to start when the environment cannot work; all problems in one error. A slot
+/// that another process streams from, alone, is a transient error instead: the
+/// supervisor waits (a standby looks again every second), so this one query is also a
+/// standby's whole poll, before any NATS connection or checkpoint read.
 pub async fn preflight(client: &Client, cfg: &Config) -> Result<()> {
-    let problems: Vec<Problem> = environment_problems(client, cfg)
+    let (busy, problems): (Vec<Problem>, Vec<Problem>) = environment_problems(client, cfg)
         .await?
         .into_iter()
-        // An active slot is a standby situation, retried by the supervisor.
-        .filter(|p| !p.what.contains("is in use by process"))
-        .collect();
+        .partition(|p| p.slot_holder.is_some());
     if problems.is_empty() {
-        return Ok(());
+        return match busy.into_iter().next() {
+            Some(p) => Err(Error::transient(p.what).hint(
+                "another relay is streaming from this slot; this one waits as a standby and takes over when it goes away",
+            )),
+            None => Ok(()),
+        };
     }
     let what: Vec<String> = problems.iter().map(|p| p.what.clone()).collect();
     let fix: Vec<String> = problems.iter().map(|p| p.fix.clone()).collect();
