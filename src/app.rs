@@ -110,7 +110,7 @@ pub async fn run(
                 }
                 // A standby looks at the slot at a steady pace, so it takes over within
                 // about STANDBY_POLL of the active relay's connection going away (the
-                // look is one SQL query: see `Session::run`).
+                // look is the preflight, before any NATS connection: `admin::preflight`).
                 let delay = if busy {
                     STANDBY_POLL
                 } else {

@@ -230,12 +230,13 @@ fn metadata_headers(h: &mut HeaderMap, raw: &bytes::Bytes) {
 /// bytes, not one of ours (`Nats-*`, `Outbox-*`, any case) and not containing
 /// `Nats-Msg-Id`.
 fn is_metadata_name(k: &str) -> bool {
-    let lower = k.to_ascii_lowercase();
+    // Per metadata key of every event: compared in place, no lowercased copy.
+    let starts = |p: &str| k.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
     !k.is_empty()
         && k.len() <= 128
         && k.bytes().all(|b| b.is_ascii_graphic() && b != b':')
-        && !lower.starts_with("nats-")
-        && !lower.starts_with("outbox-")
+        && !starts("nats-")
+        && !starts("outbox-")
         && find_msg_id(k.as_bytes()).is_none()
 }
 
