@@ -272,7 +272,12 @@ impl Session<'_> {
         let max_payload = nats.server_info().max_payload;
         let nats_client = nats.clone();
         let js = sink::jetstream(nats, cfg);
-        sink::streams::ensure(&js, cfg).await?;
+        let max_delay = self.router.max_delay_seconds();
+        let version = &nats_client.server_info().version;
+        if max_delay > 0 && !sink::schedule::supported(version) {
+            return Err(sink::schedule::unsupported(version, max_delay));
+        }
+        sink::streams::ensure(&js, cfg, max_delay > 0).await?;
         let replicas = cfg.streams.iter().map(|s| s.replicas).max().unwrap_or(1);
         let mut checkpoint =
             Checkpoint::open(&js, &cfg.checkpoint.bucket, &origin, replicas).await?;
@@ -429,7 +434,8 @@ impl Session<'_> {
 
     /// The stream `env` will be stored in. A subject no stream captures is turned into a
     /// dead letter here, before publishing, so a replay decides the same way and the
-    /// stream's order is the position order. A dead-letter subject without a stream is
+    /// stream's order is the position order; so is a delayed copy whose stream cannot
+    /// hold its schedule definition. A dead-letter subject without a stream is
     /// transient: the event waits (nothing is dropped) until an operator adds one.
     async fn destination(
         &self,
@@ -443,11 +449,21 @@ impl Session<'_> {
             if found.is_none() && index.refresh_if_older(js, Duration::from_secs(5)).await? {
                 found = index.stream_of(&env.subject);
             }
-            if let Some(s) = found {
-                return Ok(s);
+            match found {
+                Some(s) if env.delay_seconds == 0 => return Ok(s),
+                Some(s) => match self.schedule_subject(env, &s, index, sink) {
+                    Ok(definition) => {
+                        env.schedule = Some(definition);
+                        return Ok(s);
+                    }
+                    Err(reason) => env.dead_letter = Some(reason),
+                },
+                None => {
+                    env.dead_letter = Some(format!("no stream captures subject {}", env.subject))
+                }
             }
-            env.dead_letter = Some(format!("no stream captures subject {}", env.subject));
         }
+        env.schedule = None;
         let dlq = format!("{}.{}", self.cfg.routing.dead_letter_prefix, env.subject);
         let mut found = index.stream_of(&dlq);
         if found.is_none() && index.refresh_if_older(js, Duration::from_secs(1)).await? {
@@ -459,6 +475,29 @@ impl Session<'_> {
                 self.cfg.routing.dead_letter_prefix
             ))
         })
+    }
+
+    /// The schedule definition subject of delayed `env` in `stream`, or why that stream
+    /// cannot hold it (a dead-letter reason).
+    fn schedule_subject(
+        &self,
+        env: &Envelope,
+        stream: &str,
+        index: &mut StreamIndex,
+        sink: &Sink,
+    ) -> std::result::Result<String, String> {
+        let prefix = &self.cfg.routing.schedule_prefix;
+        let definition = sink::schedule::definition_subject(prefix, stream, sink.origin(), env.pos);
+        if index.allows_schedules(stream) && index.stream_of(&definition).as_deref() == Some(stream)
+        {
+            return Ok(definition);
+        }
+        Err(format!(
+            "delay_seconds: stream {stream} (subject {}) cannot hold schedule definitions: it needs \
+             allow_msg_schedules and the subjects {}; declare it in [[streams]] and the relay sets both",
+            env.subject,
+            sink::schedule::stream_filter(prefix, stream)
+        ))
     }
 
     fn confirm(&mut self, stream: &Stream, lsn: u64) {

@@ -12,9 +12,13 @@ use crate::source::admin;
 pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
-    if let Err(e) = cfg.routing.load_rules() {
-        problems.push(problem(&e.message, e.hint.as_deref()));
-    }
+    let max_delay = match cfg.routing.load_rules() {
+        Ok(rules) => rules.map_or(0, |r| r.max_delay_seconds()),
+        Err(e) => {
+            problems.push(problem(&e.message, e.hint.as_deref()));
+            0
+        }
+    };
     match admin::connect(cfg).await {
         Ok(client) => {
             match admin::environment_problems(&client, cfg).await {
@@ -34,6 +38,11 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
     }
     match sink::connect(cfg).await {
         Ok(client) => {
+            let version = client.server_info().version;
+            if max_delay > 0 && !sink::schedule::supported(&version) {
+                let e = sink::schedule::unsupported(&version, max_delay);
+                problems.push(problem(&e.message, e.hint.as_deref()));
+            }
             let js = sink::jetstream(client, cfg);
             // Listing streams needs JetStream and, unlike account info, parses on 2.9.
             let probe = futures::StreamExt::next(&mut js.stream_names()).await;

@@ -268,6 +268,10 @@ pub struct RoutingConfig {
     /// `"outbox"` (global) or `"tenants.{tenant_id}"` (per tenant), so no row can
     /// publish into another tenant's or the system's subjects. Empty: not enforced.
     pub subject_prefix: String,
+    /// Delayed targets (`delay_seconds`): schedule definitions are published on
+    /// `<schedule_prefix>.<stream>.…`, a namespace the relay adds to each `[[streams]]`
+    /// entry (see `sink::schedule`).
+    pub schedule_prefix: String,
 }
 
 impl Default for RoutingConfig {
@@ -277,6 +281,7 @@ impl Default for RoutingConfig {
             dead_letter_prefix: "outbox.dlq".into(),
             rules_file: String::new(),
             subject_prefix: String::new(),
+            schedule_prefix: "outbox-relay.schedule".into(),
         }
     }
 }
@@ -302,13 +307,6 @@ impl RoutingConfig {
             ))
             .hint("fix the rule and field named; `outbox-relay check` lists every problem")
         })?;
-        if rules.max_delay_seconds() > 0 {
-            return Err(Error::fatal(format!(
-                "config key routing.rules_file ({}): delay_seconds is set, but this relay does not publish scheduled messages yet",
-                self.rules_file
-            ))
-            .hint("remove delay_seconds (or set it to 0); delayed delivery needs nats-server 2.12 message schedules, which the relay does not use yet"));
-        }
         Ok(Some(rules))
     }
 }
@@ -520,6 +518,13 @@ impl Config {
                 "routing.dead_letter_prefix",
                 e,
                 "a literal subject prefix, e.g. \"outbox.dlq\"",
+            )
+        })?;
+        crate::route::validate_subject(&self.routing.schedule_prefix).map_err(|e| {
+            bad_key(
+                "routing.schedule_prefix",
+                e,
+                "a literal subject prefix outside the streams' subjects, e.g. \"outbox-relay.schedule\"",
             )
         })?;
         if self.checkpoint.bucket.is_empty()

@@ -305,6 +305,8 @@ pub struct Msg {
     /// How many values each header has (a forged header would show as a second one).
     pub header_counts: HashMap<String, usize>,
     pub payload: Vec<u8>,
+    /// When JetStream stored it, ms since the Unix epoch.
+    pub stored_at_ms: i64,
 }
 
 impl Msg {
@@ -373,6 +375,7 @@ pub async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
             headers,
             header_counts,
             payload: next.payload.to_vec(),
+            stored_at_ms: (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
         });
         assert!(Instant::now() < deadline, "reading stream took too long");
     }

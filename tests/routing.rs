@@ -287,3 +287,194 @@ async fn logical_messages_are_table_less_events() {
     )
     .await;
 }
+
+const DELAY_RULES: &str = r#"
+[[route]]
+name = "carts"
+match = { aggregate_type = "cart" }
+
+[[route.targets]]
+subject = "outbox.cart.now"
+
+[[route.targets]]
+subject = "outbox.cart.reminder"
+delay_seconds = 2
+"#;
+
+/// The version of the test's nats-server.
+async fn nats_version(env: &Env) -> String {
+    async_nats::connect(env.nats.url())
+        .await
+        .expect("connect to nats")
+        .server_info()
+        .version
+}
+
+fn is_definition(m: &Msg) -> bool {
+    m.subject.starts_with("outbox-relay.schedule.")
+}
+
+/// Delayed targets through JetStream message schedules: the copy is stored at commit
+/// time + delay, not before, exactly once; and after a replay beyond the duplicate window
+/// (slot rewound, checkpoint gone) neither the delayed copies fire again nor does a
+/// message published after them return, although the fired copies were appended to the
+/// stream after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_targets_fire_at_commit_plus_delay_exactly_once() {
+    let env = Env::start_migrated().await;
+    let rules = env.dir.path().join("rules.toml");
+    std::fs::write(&rules, DELAY_RULES).unwrap();
+    env.write_config(&format!(
+        "duplicate_window = \"1s\"\n[routing]\nrules_file = \"{}\"\n",
+        rules.display()
+    ));
+    let out = env.cli(&["check"]);
+    assert!(out.status.success(), "{}", out.text());
+    let mut relay = env.spawn_relay();
+    wait_http(env.http_port, "/readyz", 200, "").await;
+    let c = env.sql().await;
+    // A copy of the slot from before the events, to rewind to later.
+    c.batch_execute("SELECT pg_copy_logical_replication_slot('outbox_relay', 'rewind')")
+        .await
+        .unwrap();
+
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let carts = insert_carts(&c, 3).await;
+    // Committed after the carts, stored before their reminders fire: the stream's
+    // newest message of the relay's own is then not the highest position.
+    c.batch_execute(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, payload) VALUES ('created', 'user', '{}')",
+    )
+    .await
+    .unwrap();
+    let js = env.js().await;
+    let msgs = wait_reminders(&js, 3).await;
+    assert_eq!(count(&msgs, "outbox.cart.now"), 3, "{:?}", subjects(&msgs));
+    assert_eq!(count(&msgs, "outbox.user.created"), 1);
+    let reminders: Vec<&Msg> = msgs
+        .iter()
+        .filter(|m| m.subject == "outbox.cart.reminder")
+        .collect();
+    let mut ids: Vec<&str> = reminders
+        .iter()
+        .map(|m| m.header("Outbox-Event-Id").unwrap())
+        .collect();
+    ids.sort();
+    let mut want: Vec<&str> = carts.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(ids, want, "each cart's reminder, once");
+    for r in &reminders {
+        assert!(
+            r.stored_at_ms >= t0 + 2000,
+            "stored {} ms after the insert began: before the delay",
+            r.stored_at_ms - t0
+        );
+        assert!(r.header("Nats-Scheduler").is_some(), "{:?}", r.headers);
+        assert_eq!(r.payload, br#"{"cart": 1}"#, "payload passes untouched");
+    }
+
+    // Replay everything beyond the duplicate window.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    relay.kill();
+    c.batch_execute(
+        "SELECT pg_drop_replication_slot('outbox_relay');
+         SELECT pg_copy_logical_replication_slot('rewind', 'outbox_relay');
+         SELECT pg_drop_replication_slot('rewind');",
+    )
+    .await
+    .unwrap();
+    js.delete_stream("KV_outbox_relay").await.unwrap();
+    let _relay = env.spawn_relay();
+    // A new cart whose reminder fires two seconds after its commit: a replayed
+    // definition (its time long past) would have fired before it.
+    insert_carts(&c, 1).await;
+    let msgs = wait_reminders(&js, 4).await;
+    assert_eq!(
+        count(&msgs, "outbox.cart.reminder"),
+        4,
+        "{:?}",
+        subjects(&msgs)
+    );
+    assert_eq!(count(&msgs, "outbox.cart.now"), 4, "{:?}", subjects(&msgs));
+    assert_eq!(
+        count(&msgs, "outbox.user.created"),
+        1,
+        "the message stored after the first definitions was not published again"
+    );
+}
+
+async fn insert_carts(c: &tokio_postgres::Client, n: i64) -> Vec<String> {
+    c.query(
+        r#"INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
+           SELECT 'abandoned', 'cart', 'c' || g, '{"cart": 1}' FROM generate_series(1, $1::bigint) g
+           RETURNING id::text"#,
+        &[&n],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn count(msgs: &[Msg], subject: &str) -> usize {
+    msgs.iter().filter(|m| m.subject == subject).count()
+}
+
+/// Wait until `n` reminders are stored and no schedule definition is pending; every
+/// message of the stream.
+async fn wait_reminders(js: &async_nats::jetstream::Context, n: usize) -> Vec<Msg> {
+    let js2 = js.clone();
+    wait_for(
+        &format!("{n} fired reminders and no pending definition"),
+        DEADLINE,
+        move || {
+            let js = js2.clone();
+            async move {
+                let msgs = read_all(&js, STREAM).await;
+                count(&msgs, "outbox.cart.reminder") >= n && !msgs.iter().any(is_definition)
+            }
+        },
+    )
+    .await;
+    read_all(js, STREAM).await
+}
+
+/// `delay_seconds` needs JetStream message schedules (nats-server 2.12+). On an older
+/// server (the compatibility run on Debian's 2.9) `check` and `run` refuse the rules
+/// file naming the version needed; on a newer one `check` accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_seconds_needs_a_server_with_schedules() {
+    let env = Env::start_migrated().await;
+    let rules = env.dir.path().join("rules.toml");
+    std::fs::write(&rules, DELAY_RULES).unwrap();
+    env.write_config(&format!(
+        "[routing]\nrules_file = \"{}\"\n",
+        rules.display()
+    ));
+    let version = nats_version(&env).await;
+    let out = env.cli(&["check"]);
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let old = (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (2, 12);
+    if !old {
+        assert!(out.status.success(), "nats {version}: {}", out.text());
+        return;
+    }
+    assert!(!out.status.success(), "nats {version}: {}", out.text());
+    let needs = "delay_seconds (up to 2) needs nats-server 2.12 or newer";
+    assert!(out.text().contains(needs), "{}", out.text());
+    assert!(out.text().contains(&version), "{}", out.text());
+    let mut relay = env.spawn_relay();
+    let mut status = None;
+    wait_for("the relay to exit", DEADLINE, || {
+        status = status.or_else(|| relay.exited());
+        let done = status.is_some();
+        async move { done }
+    })
+    .await;
+    assert!(!status.unwrap().success());
+    assert!(relay.log_text().contains(needs), "{}", relay.log_text());
+}

@@ -48,6 +48,12 @@ pub struct Envelope {
     pub all_or_nothing: bool,
     /// Its part in a rules route's `fallback` (see [`Router::fallback_for`]).
     pub fallback: FallbackRole,
+    /// The rules target's `delay_seconds` (0: publish now).
+    pub delay_seconds: u64,
+    /// The schedule definition subject of a delayed copy, filled in by the pipeline once
+    /// it knows the stream ([`crate::sink::schedule`]); the sink then publishes the
+    /// definition instead of the message.
+    pub schedule: Option<String>,
 }
 
 /// How a message relates to its route's fallback target.
@@ -116,6 +122,13 @@ impl Router {
             }
         }
         envs
+    }
+
+    /// The largest `delay_seconds` of the rules (0: nothing is delayed).
+    pub fn max_delay_seconds(&self) -> u64 {
+        self.rules
+            .as_ref()
+            .map_or(0, rules::Rules::max_delay_seconds)
     }
 
     /// Route by a rules file first; events no route matches use the template.
@@ -211,6 +224,7 @@ impl Router {
                 let ok = dead_letter.is_none();
                 let mut env = self.envelope(ev, pos(), subject, msg_id, dead_letter);
                 env.payload = t.payload;
+                env.delay_seconds = t.delay_seconds;
                 env.all_or_nothing = t.strategy == rules::Strategy::AllOrNothing && fan_out;
                 env.fallback = match t.target {
                     rules::TargetRef::Fallback => FallbackRole::Copy,
@@ -263,6 +277,7 @@ impl Router {
         let msg_id = fan_out.then(|| copy_msg_id(ev, 0, &subject, false));
         let mut env = self.envelope(ev, pos, subject, msg_id, None);
         env.payload = t.payload;
+        env.delay_seconds = t.delay_seconds;
         env.fallback = FallbackRole::Copy;
         for (name, value) in t.headers {
             env.headers.insert(name.as_str(), headers::value(&value));

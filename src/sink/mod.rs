@@ -6,6 +6,7 @@
 //! (or acked its dead letter). A core-NATS publish (no ack) is never used.
 
 pub mod auth;
+pub mod schedule;
 pub mod streams;
 
 use std::pin::Pin;
@@ -200,6 +201,11 @@ impl Sink {
         self
     }
 
+    /// `Outbox-Origin` of this source.
+    pub fn origin(&self) -> &str {
+        self.origin.as_ref().map_or("", |v| v.as_str())
+    }
+
     pub fn context(&self) -> &jetstream::Context {
         &self.js
     }
@@ -220,13 +226,27 @@ impl Sink {
         if let Some(reason) = env.dead_letter.clone() {
             return self.dead_letter(env, &reason).await.map(|()| Some(ticket));
         }
-        let headers = std::mem::take(&mut env.headers);
+        let mut headers = std::mem::take(&mut env.headers);
         let msg_id = headers.get(headers::MSG_ID).cloned();
         let counter = self.counter_for(&env, &headers);
+        // A delayed copy: publish its schedule definition; the server appends the
+        // message on `env.subject` when it fires.
+        let subject = match env.schedule.take() {
+            Some(definition) => {
+                let at = schedule::fire_at(env.committed_at_us, env.delay_seconds);
+                headers.insert(async_nats::header::NATS_SCHEDULE, at);
+                headers.insert(
+                    async_nats::header::NATS_SCHEDULE_TARGET,
+                    env.subject.as_str(),
+                );
+                definition
+            }
+            None => env.subject.clone(),
+        };
         let sent = self
             .js
             .send_publish(
-                env.subject.clone(),
+                subject,
                 jetstream::message::PublishMessage::build()
                     .payload(env.payload.clone())
                     .headers(headers),

@@ -10,10 +10,19 @@ use crate::config::{Config, StreamConfig};
 use crate::error::{Error, Result};
 
 /// Create or update every declared stream. Existing streams not declared are used as
-/// they are.
-pub async fn ensure(js: &jetstream::Context, cfg: &Config) -> Result<()> {
+/// they are. `schedules`: some rules target is delayed, so every declared stream also
+/// gets its schedule namespace and `allow_msg_schedules` (see [`super::schedule`];
+/// the caller has checked that the server supports them).
+pub async fn ensure(js: &jetstream::Context, cfg: &Config, schedules: bool) -> Result<()> {
     for s in &cfg.streams {
-        let want = stream_config(s);
+        let mut want = stream_config(s);
+        if schedules {
+            let filter = super::schedule::stream_filter(&cfg.routing.schedule_prefix, &s.name);
+            if !want.subjects.iter().any(|f| pattern_covers(f, &filter)) {
+                want.subjects.push(filter);
+            }
+            want.allow_message_schedules = true;
+        }
         match js.get_stream(&s.name).await {
             Ok(mut existing) => {
                 let info = existing
@@ -23,7 +32,10 @@ pub async fn ensure(js: &jetstream::Context, cfg: &Config) -> Result<()> {
                 let have = &info.config;
                 let differs = have.subjects != want.subjects
                     || have.num_replicas != want.num_replicas
-                    || have.duplicate_window != want.duplicate_window;
+                    || have.duplicate_window != want.duplicate_window
+                    // Once allowed, schedules stay allowed (the server cannot turn
+                    // them off, and pending definitions need them).
+                    || (want.allow_message_schedules && !have.allow_message_schedules);
                 if have.storage != want.storage {
                     return Err(Error::fatal(format!(
                         "stream {}: storage is {:?} on the server but {} in [[streams]]",
@@ -36,6 +48,7 @@ pub async fn ensure(js: &jetstream::Context, cfg: &Config) -> Result<()> {
                     merged.subjects = want.subjects.clone();
                     merged.num_replicas = want.num_replicas;
                     merged.duplicate_window = want.duplicate_window;
+                    merged.allow_message_schedules |= want.allow_message_schedules;
                     js.update_stream(merged).await.map_err(|e| {
                         Error::fatal(format!("update stream {}: {e}", s.name))
                             .hint("check that no other stream captures the same subjects")
@@ -85,6 +98,8 @@ fn stream_config(s: &StreamConfig) -> stream::Config {
 #[derive(Debug, Default)]
 pub struct StreamIndex {
     filters: Vec<(String, String)>,
+    /// Streams that allow message schedules (`allow_msg_schedules`).
+    schedules: std::collections::HashSet<String>,
     cache: HashMap<String, Option<String>>,
     loaded_at: Option<std::time::Instant>,
 }
@@ -102,6 +117,7 @@ impl StreamIndex {
     /// Re-read every stream's subjects.
     pub async fn refresh(&mut self, js: &jetstream::Context) -> Result<()> {
         let mut filters = Vec::new();
+        let mut schedules = std::collections::HashSet::new();
         let mut streams = js.streams();
         while let Some(info) = streams.next().await {
             let info = info.map_err(|e| {
@@ -111,8 +127,12 @@ impl StreamIndex {
             for subject in &info.config.subjects {
                 filters.push((subject.clone(), info.config.name.clone()));
             }
+            if info.config.allow_message_schedules {
+                schedules.insert(info.config.name.clone());
+            }
         }
         self.filters = filters;
+        self.schedules = schedules;
         self.cache.clear();
         self.loaded_at = Some(std::time::Instant::now());
         Ok(())
@@ -129,6 +149,11 @@ impl StreamIndex {
         }
         self.refresh(js).await?;
         Ok(true)
+    }
+
+    /// Does `stream` allow message schedules?
+    pub fn allows_schedules(&self, stream: &str) -> bool {
+        self.schedules.contains(stream)
     }
 
     /// Every (subject filter, stream) pair.

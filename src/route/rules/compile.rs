@@ -72,6 +72,10 @@ pub(super) fn compile_route(spec: &RouteSpec, problems: &mut Vec<Problem>) -> Op
     })
 }
 
+/// Ten years: beyond it a schedule is surely a mistake (and its time must stay a valid
+/// RFC 3339 date for the server).
+pub const MAX_DELAY_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
 fn compile_target(spec: &TargetSpec, at: &str, problems: &mut Vec<Problem>) -> Option<Target> {
     let before = problems.len();
     let subject = match Template::parse(&spec.subject) {
@@ -108,6 +112,15 @@ fn compile_target(spec: &TargetSpec, at: &str, problems: &mut Vec<Problem>) -> O
         problems.push(problem(
             format!("{at}.sampling_rate"),
             format!("{rate} is outside 0.0..=1.0"),
+        ));
+    }
+    if spec.delay_seconds > MAX_DELAY_SECONDS {
+        problems.push(problem(
+            format!("{at}.delay_seconds"),
+            format!(
+                "{} is more than {MAX_DELAY_SECONDS} (ten years)",
+                spec.delay_seconds
+            ),
         ));
     }
     let mut headers = Vec::with_capacity(spec.headers.len());
@@ -275,6 +288,10 @@ mod tests {
             (
                 "sampling_rate = 1.5",
                 "targets[0].sampling_rate: 1.5 is outside 0.0..=1.0",
+            ),
+            (
+                "delay_seconds = 315360001",
+                "targets[0].delay_seconds: 315360001 is more than 315360000 (ten years)",
             ),
             (
                 "sampling_rate = -0.1",
