@@ -12,13 +12,14 @@ use crate::source::admin;
 pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
-    let max_delay = match cfg.routing.load_rules() {
-        Ok(rules) => rules.map_or(0, |r| r.max_delay_seconds()),
+    let rules = match cfg.routing.load_rules() {
+        Ok(rules) => rules,
         Err(e) => {
             problems.push(problem(&e.message, e.hint.as_deref()));
-            0
+            None
         }
     };
+    let max_delay = rules.as_ref().map_or(0, |r| r.max_delay_seconds());
     match admin::connect(cfg).await {
         Ok(client) => {
             match admin::environment_problems(&client, cfg).await {
@@ -53,7 +54,12 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
                 ));
             } else {
                 match sink::streams::StreamIndex::load(&js).await {
-                    Ok(index) => capture_problems(cfg, &index, &mut problems, &mut notes),
+                    Ok(index) => {
+                        capture_problems(cfg, &index, &mut problems, &mut notes);
+                        if let Some(rules) = &rules {
+                            schedule_problems(cfg, rules, &index, &mut problems);
+                        }
+                    }
                     Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
                 }
             }
@@ -110,6 +116,50 @@ fn capture_problems(
                 "subjects {pattern} ({key}) are only partly captured, by {}: events routed elsewhere go to the dead-letter subject",
                 partly.join(", ")
             ));
+        }
+    }
+}
+
+/// A delayed target can reach a stream that will not hold its schedule definitions: one
+/// not in `[[streams]]` (the relay sets up only those) that lacks `allow_msg_schedules`
+/// or the schedule namespace. Its delayed copies would be dead-lettered.
+fn schedule_problems(
+    cfg: &Config,
+    rules: &crate::route::rules::Rules,
+    index: &sink::streams::StreamIndex,
+    problems: &mut Vec<admin::Problem>,
+) {
+    use sink::streams::{pattern_covers, patterns_overlap, template_pattern};
+    let prefix = &cfg.routing.schedule_prefix;
+    for (target, subject) in rules.delayed_targets() {
+        let pattern = template_pattern(subject);
+        let mut streams: Vec<&str> = index
+            .filters()
+            .iter()
+            .filter(|(f, _)| patterns_overlap(f, &pattern))
+            .map(|(_, name)| name.as_str())
+            .filter(|name| !cfg.streams.iter().any(|s| s.name == *name))
+            .collect();
+        streams.dedup();
+        for stream in streams {
+            let filter = sink::schedule::stream_filter(prefix, stream);
+            let holds = index.allows_schedules(stream)
+                && index
+                    .filters()
+                    .iter()
+                    .any(|(f, s)| s == stream && pattern_covers(f, &filter));
+            if !holds {
+                problems.push(problem(
+                    &format!(
+                        "{target} (delay_seconds) can route to stream {stream}, which cannot hold \
+                         schedule definitions: it needs allow_msg_schedules and the subjects {filter}"
+                    ),
+                    Some(&format!(
+                        "declare stream {stream} in [[streams]] (the relay then sets both), or set them \
+                         on the stream yourself; until then its delayed copies are dead-lettered"
+                    )),
+                ));
+            }
         }
     }
 }

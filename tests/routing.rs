@@ -461,6 +461,7 @@ async fn delay_seconds_needs_a_server_with_schedules() {
     let old = (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (2, 12);
     if !old {
         assert!(out.status.success(), "nats {version}: {}", out.text());
+        undeclared_stream_without_schedules(&env).await;
         return;
     }
     assert!(!out.status.success(), "nats {version}: {}", out.text());
@@ -477,4 +478,61 @@ async fn delay_seconds_needs_a_server_with_schedules() {
     .await;
     assert!(!status.unwrap().success());
     assert!(relay.log_text().contains(needs), "{}", relay.log_text());
+}
+
+/// A delayed target bound for a stream the relay does not manage (not in `[[streams]]`)
+/// and without schedules: `check` names the target, the stream and what it lacks; the
+/// relay dead-letters the delayed copy with that reason and publishes the rest.
+async fn undeclared_stream_without_schedules(env: &Env) {
+    let js = env.js().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "LATER".into(),
+        subjects: vec!["later.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rules = env.dir.path().join("later.toml");
+    std::fs::write(
+        &rules,
+        r#"
+[[route]]
+name = "carts"
+match = { aggregate_type = "cart" }
+
+[[route.targets]]
+subject = "outbox.cart.now"
+
+[[route.targets]]
+subject = "later.{aggregate_type}"
+delay_seconds = 5
+"#,
+    )
+    .unwrap();
+    env.write_config(&format!(
+        "[routing]\nrules_file = \"{}\"\n",
+        rules.display()
+    ));
+    let out = env.cli(&["check"]);
+    assert!(!out.status.success(), "{}", out.text());
+    for needle in [
+        r#"route "carts" targets[1] (delay_seconds) can route to stream LATER"#,
+        "allow_msg_schedules and the subjects outbox-relay.schedule.LATER.>",
+        "declare stream LATER in [[streams]]",
+    ] {
+        assert!(out.text().contains(needle), "{needle}: {}", out.text());
+    }
+    let _relay = env.spawn_relay();
+    insert_carts(&env.sql().await, 1).await;
+    let msgs = wait_read(&js, STREAM, 2).await;
+    assert_eq!(
+        subjects(&msgs),
+        ["outbox.cart.now", "outbox.dlq.later.cart"]
+    );
+    let reason = msgs[1].header("Outbox-Dlq-Reason").unwrap_or("");
+    assert!(
+        reason.contains("stream LATER (subject later.cart) cannot hold schedule definitions"),
+        "{reason}"
+    );
+    assert_eq!(stream_count(&js, "LATER").await, 0);
 }

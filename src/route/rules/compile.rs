@@ -143,6 +143,7 @@ fn compile_target(spec: &TargetSpec, at: &str, problems: &mut Vec<Problem>) -> O
     }
     Some(Target {
         subject_fields: template_fields(&spec.subject),
+        subject_text: spec.subject.clone(),
         subject: subject?,
         condition,
         transform,

@@ -140,6 +140,8 @@ struct Matcher {
 struct Target {
     subject: Template,
     subject_fields: Vec<Field>,
+    /// The template as written (for `check`).
+    subject_text: String,
     condition: Option<Cond>,
     transform: Option<Transform>,
     sampling_rate: Option<f64>,
@@ -224,6 +226,27 @@ impl Rules {
             .map(|t| t.delay_seconds)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Every target or fallback with a delay: `(route "name" targets[i], subject
+    /// template)`, so `check` can see which streams must hold schedules.
+    pub fn delayed_targets(&self) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        for r in &self.routes {
+            let all = r
+                .targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (TargetRef::Target(i), t))
+                .chain(r.fallback.iter().map(|t| (TargetRef::Fallback, t)));
+            for (which, t) in all.filter(|(_, t)| t.delay_seconds > 0) {
+                out.push((
+                    format!("route {:?} {which}", r.name),
+                    t.subject_text.as_str(),
+                ));
+            }
+        }
+        out
     }
 
     /// The selected targets of `ev`: empty when no route matched or the matched route

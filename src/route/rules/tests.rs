@@ -112,6 +112,13 @@ delay_seconds = 30
         ]
     );
     assert_eq!(r.max_delay_seconds(), 30);
+    assert_eq!(
+        r.delayed_targets(),
+        vec![(
+            "route \"products\" targets[1]".to_string(),
+            "vip.notifications"
+        )]
+    );
 
     // One target selected: no fallback.
     let out = r.evaluate(&event(r#"{"visible": true, "price": 1}"#));
