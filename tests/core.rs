@@ -528,7 +528,7 @@ async fn null_sink_publishes_and_confirms_nothing() {
 
 /// The slot is created as a failover slot where the server has them (PostgreSQL 17+),
 /// so a promoted standby that synchronises slots keeps it; older servers get a plain
-/// one. The suite runs on 15 and 18 (scripts/test.sh).
+/// one. The suite runs on 14, 15, 16, 17 and 18 (scripts/test.sh).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_is_a_failover_slot_where_supported() {
     let env = Env::start_migrated().await;
