@@ -133,7 +133,13 @@ impl Checkpoint {
 
 /// KV keys allow `[-/_=.a-zA-Z0-9]`.
 fn key_for(origin: &str) -> String {
-    let cleaned: String = origin
+    format!("position.{}", origin_token(origin))
+}
+
+/// `origin` (`<database>/<slot>`) as one subject token and KV key part: characters
+/// outside `[A-Za-z0-9_-]` become `_`.
+pub fn origin_token(origin: &str) -> String {
+    origin
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
@@ -142,8 +148,7 @@ fn key_for(origin: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("position.{cleaned}")
+        .collect()
 }
 
 /// `X/X` hex, PostgreSQL's LSN text form.

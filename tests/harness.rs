@@ -83,6 +83,17 @@ subjects = ["outbox.>"]
         std::fs::write(self.config_path(), text).expect("write config");
     }
 
+    /// `rules` as the rules file (`[routing] rules_file`) of the default config;
+    /// `streams_extra` is appended to its `[[streams]]` table.
+    pub fn write_rules_config(&self, rules: &str, streams_extra: &str) {
+        let path = self.dir.path().join("rules.toml");
+        std::fs::write(&path, rules).expect("write rules");
+        self.write_config(&format!(
+            "{streams_extra}[routing]\nrules_file = \"{}\"\n",
+            path.display()
+        ));
+    }
+
     pub fn write_raw_config(&self, text: &str) {
         std::fs::write(self.config_path(), text).expect("write config");
     }

@@ -67,12 +67,7 @@ subject = "nostream.returns"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_route_transform_sample_and_fall_back() {
     let env = Env::start_migrated().await;
-    let rules = env.dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).unwrap();
-    env.write_config(&format!(
-        "[routing]\nrules_file = \"{}\"\n",
-        rules.display()
-    ));
+    env.write_rules_config(RULES, "");
     let out = env.cli(&["check"]);
     assert!(out.status.success(), "{}", out.text());
     let _relay = env.spawn_relay();
@@ -154,16 +149,7 @@ async fn rules_route_transform_sample_and_fall_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rules_file_is_refused_naming_rule_and_field() {
     let env = Env::start_migrated().await;
-    let rules = env.dir.path().join("rules.toml");
-    std::fs::write(
-        &rules,
-        "[[route]]\nname = \"r\"\n[[route.targets]]\nsubject = \"x.y\"\nconditions = { \"payload.p\" = { \"$gtt\" = 1 } }\n",
-    )
-    .unwrap();
-    env.write_config(&format!(
-        "[routing]\nrules_file = \"{}\"\n",
-        rules.display()
-    ));
+    env.write_rules_config("[[route]]\nname = \"r\"\n[[route.targets]]\nsubject = \"x.y\"\nconditions = { \"payload.p\" = { \"$gtt\" = 1 } }\n", "");
     for cmd in ["check", "run"] {
         let out = env.cli(&[cmd]);
         assert!(!out.status.success(), "{cmd}: {}", out.text());
@@ -322,12 +308,7 @@ fn is_definition(m: &Msg) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_targets_fire_at_commit_plus_delay_exactly_once() {
     let env = Env::start_migrated().await;
-    let rules = env.dir.path().join("rules.toml");
-    std::fs::write(&rules, DELAY_RULES).unwrap();
-    env.write_config(&format!(
-        "duplicate_window = \"1s\"\n[routing]\nrules_file = \"{}\"\n",
-        rules.display()
-    ));
+    env.write_rules_config(DELAY_RULES, "duplicate_window = \"1s\"\n");
     let out = env.cli(&["check"]);
     assert!(out.status.success(), "{}", out.text());
     let mut relay = env.spawn_relay();
@@ -449,12 +430,7 @@ async fn wait_reminders(js: &async_nats::jetstream::Context, n: usize) -> Vec<Ms
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_seconds_needs_a_server_with_schedules() {
     let env = Env::start_migrated().await;
-    let rules = env.dir.path().join("rules.toml");
-    std::fs::write(&rules, DELAY_RULES).unwrap();
-    env.write_config(&format!(
-        "[routing]\nrules_file = \"{}\"\n",
-        rules.display()
-    ));
+    env.write_rules_config(DELAY_RULES, "");
     let version = nats_version(&env).await;
     let out = env.cli(&["check"]);
     let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
@@ -492,9 +468,7 @@ async fn undeclared_stream_without_schedules(env: &Env) {
     })
     .await
     .unwrap();
-    let rules = env.dir.path().join("later.toml");
-    std::fs::write(
-        &rules,
+    env.write_rules_config(
         r#"
 [[route]]
 name = "carts"
@@ -507,12 +481,8 @@ subject = "outbox.cart.now"
 subject = "later.{aggregate_type}"
 delay_seconds = 5
 "#,
-    )
-    .unwrap();
-    env.write_config(&format!(
-        "[routing]\nrules_file = \"{}\"\n",
-        rules.display()
-    ));
+        "",
+    );
     let out = env.cli(&["check"]);
     assert!(!out.status.success(), "{}", out.text());
     for needle in [

@@ -59,16 +59,7 @@ pub fn stream_filter(prefix: &str, stream: &str) -> String {
 /// The definition subject of the copy at `pos`, bound for `stream`. `origin` is made a
 /// single token (`/` and other characters outside `[A-Za-z0-9_-]` become `_`).
 pub fn definition_subject(prefix: &str, stream: &str, origin: &str, pos: Position) -> String {
-    let origin: String = origin
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let origin = crate::checkpoint::origin_token(origin);
     let origin = if origin.is_empty() { "_" } else { &origin };
     format!(
         "{prefix}.{stream}.{origin}.{:X}-{}",
