@@ -6,6 +6,7 @@ use std::cell::OnceCell;
 use serde_json::Value;
 
 use crate::decode::OutboxEvent;
+use crate::route::template::Field;
 
 pub(super) struct View<'a> {
     pub(super) ev: &'a OutboxEvent,
@@ -77,47 +78,34 @@ impl Val<'_> {
     }
 }
 
+/// A column a condition can name: the subject template's fields, plus three a subject
+/// has no use for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Column {
     Id,
-    EventTopic,
-    AggregateType,
-    AggregateId,
-    TenantId,
-    SourceBc,
-    SchemaId,
-    SchemaVersion,
+    Field(Field),
     OccurredAt,
     CreatedAt,
 }
 
-const COLUMNS: [(&str, Column); 10] = [
-    ("id", Column::Id),
-    ("event_topic", Column::EventTopic),
-    ("aggregate_type", Column::AggregateType),
-    ("aggregate_id", Column::AggregateId),
-    ("tenant_id", Column::TenantId),
-    ("source_bc", Column::SourceBc),
-    ("schema_id", Column::SchemaId),
-    ("schema_version", Column::SchemaVersion),
-    ("occurred_at", Column::OccurredAt),
-    ("created_at", Column::CreatedAt),
-];
+/// Every column a condition can name, in table order.
+fn columns() -> impl Iterator<Item = (&'static str, Column)> {
+    std::iter::once(("id", Column::Id))
+        .chain(Field::ALL.iter().map(|&(n, f)| (n, Column::Field(f))))
+        .chain([
+            ("occurred_at", Column::OccurredAt),
+            ("created_at", Column::CreatedAt),
+        ])
+}
 
 impl Column {
     fn value(self, ev: &OutboxEvent) -> Option<&str> {
         let bytes = match self {
-            Column::Id => Some(&ev.id),
-            Column::EventTopic => Some(&ev.event_topic),
-            Column::AggregateType => ev.aggregate_type.as_ref(),
-            Column::AggregateId => ev.aggregate_id.as_ref(),
-            Column::TenantId => ev.tenant_id.as_ref(),
-            Column::SourceBc => ev.source_bc.as_ref(),
-            Column::SchemaId => ev.schema_id.as_ref(),
-            Column::SchemaVersion => ev.schema_version.as_ref(),
-            Column::OccurredAt => ev.occurred_at.as_ref(),
-            Column::CreatedAt => ev.created_at.as_ref(),
-        }?;
+            Column::Field(f) => return f.value(ev),
+            Column::Id => &ev.id,
+            Column::OccurredAt => ev.occurred_at.as_ref()?,
+            Column::CreatedAt => ev.created_at.as_ref()?,
+        };
         std::str::from_utf8(bytes).ok()
     }
 }
@@ -144,13 +132,13 @@ impl FieldPath {
         match head {
             "payload" => Ok(FieldPath::Payload(segments()?)),
             "metadata" => Ok(FieldPath::Metadata(segments()?)),
-            _ => match COLUMNS.iter().find(|(n, _)| *n == head) {
-                Some((_, c)) if rest.is_none() => Ok(FieldPath::Column(*c)),
+            _ => match columns().find(|(n, _)| *n == head) {
+                Some((_, c)) if rest.is_none() => Ok(FieldPath::Column(c)),
                 Some(_) => Err(format!(
                     "field path {text:?}: column {head} is text and has no sub-fields"
                 )),
                 None => {
-                    let known: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
+                    let known: Vec<&str> = columns().map(|(n, _)| n).collect();
                     Err(format!(
                         "unknown field {text:?}: use a column ({}), payload.<path> or metadata.<path>",
                         known.join(", ")
