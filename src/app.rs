@@ -317,8 +317,9 @@ impl Session<'_> {
             tracing::info!(slot = %slot, "replication slot created");
         }
         let mut reconciler = Reconciler::load(&js, &origin).await?;
-        let mut sink =
-            Sink::new(js.clone(), cfg, self.health.clone(), &origin).with_denials(denials);
+        let mut sink = Sink::new(js.clone(), cfg, self.health.clone(), &origin)
+            .await?
+            .with_denials(denials);
         // Resume from the later of what PostgreSQL and the checkpoint know; the server
         // itself never goes below the slot's confirmed position.
         let start = known;

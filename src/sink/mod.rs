@@ -3,21 +3,21 @@
 //! [`Sink::publish`] hands the message to the connection and returns at once; the
 //! PubAck is collected by [`Sink::next_ack`]. The caller bounds how many are in flight.
 //! Architecture invariant: a message counts as delivered only when JetStream acked it
-//! (or acked its dead letter). A core-NATS publish (no ack) is never used.
+//! (or acked its dead letter). Every publish carries a reply subject for its PubAck
+//! ([`acks`]); a publish without one is never used.
 
+pub mod acks;
 pub mod auth;
 pub mod schedule;
 pub mod streams;
 
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::{self, publish::PublishAck};
+use async_nats::jetstream;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::{HeaderName, HeaderValue};
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::config::Config;
@@ -25,9 +25,6 @@ use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::progress::Ticket;
 use crate::route::{Envelope, headers};
-
-type AckFuture = Pin<Box<dyn Future<Output = (Sent, AckResult)> + Send>>;
-type AckResult = std::result::Result<PublishAck, jetstream::context::PublishError>;
 
 /// What a published message's ack still needs. The headers went into the publish
 /// (moved, not cloned: cloning 13 headers per message cost a third of the relay's CPU);
@@ -45,7 +42,7 @@ struct Sent {
 pub struct Sink {
     js: jetstream::Context,
     dlq_prefix: String,
-    acks: FuturesUnordered<AckFuture>,
+    acks: acks::AckMux<Sent>,
     health: Arc<Health>,
     /// The published-events counter of the last (stream, subject root, tenant): most
     /// consecutive messages share it, and the label lookup allocates.
@@ -181,17 +178,23 @@ pub fn jetstream(client: async_nats::Client, cfg: &Config) -> jetstream::Context
 
 impl Sink {
     /// `origin` is this source's `Outbox-Origin` (see [`crate::app::origin`]).
-    pub fn new(js: jetstream::Context, cfg: &Config, health: Arc<Health>, origin: &str) -> Self {
-        Self {
+    pub async fn new(
+        js: jetstream::Context,
+        cfg: &Config,
+        health: Arc<Health>,
+        origin: &str,
+    ) -> Result<Self> {
+        let acks = acks::AckMux::new(js.client(), cfg.nats.ack_timeout).await?;
+        Ok(Self {
             js,
             dlq_prefix: cfg.routing.dead_letter_prefix.clone(),
-            acks: FuturesUnordered::new(),
+            acks,
             health,
             last_counter: None,
             origin: <HeaderValue as FromStr>::from_str(origin).ok(),
             in_flight_bytes: 0,
             denials: Arc::default(),
-        }
+        })
     }
 
     /// Explain failed publishes with the permission errors of the connection
@@ -211,7 +214,7 @@ impl Sink {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.acks.len()
+        self.acks.pending()
     }
 
     /// Payload bytes awaiting their PubAck (the caller bounds it beside the count).
@@ -243,36 +246,38 @@ impl Sink {
             }
             None => env.subject.clone(),
         };
-        let sent = self
-            .js
-            .send_publish(
-                subject,
-                jetstream::message::PublishMessage::build()
-                    .payload(env.payload.clone())
-                    .headers(headers),
-            )
-            .await;
         let sent_meta = Sent {
             ticket,
             pos: env.pos,
             subject: env.subject,
-            payload: env.payload,
+            payload: env.payload.clone(),
             msg_id,
             committed_at_us: env.committed_at_us,
             counter,
         };
-        match sent {
-            Ok(fut) => {
-                self.push(sent_meta, fut);
+        let size = env.payload.len();
+        match self
+            .acks
+            .publish(subject, headers, env.payload, sent_meta)
+            .await
+        {
+            Ok(()) => {
+                self.in_flight_bytes += size;
                 Ok(None)
             }
-            Err(e) if is_poison(e.kind()) => {
-                let reason = e.to_string();
-                self.dead_letter_sent(sent_meta, &reason)
+            Err((sent, e))
+                if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded =>
+            {
+                self.dead_letter_sent(sent, "max payload size exceeded")
                     .await
                     .map(|()| Some(ticket))
             }
-            Err(e) => Err(publish_error(&self.health, &self.denials, &e)),
+            Err((_, e)) => Err(publish_failed(
+                &self.health,
+                &self.denials,
+                "broken_pipe",
+                &format!("jetstream publish: {e}"),
+            )),
         }
     }
 
@@ -298,28 +303,17 @@ impl Sink {
         c
     }
 
-    fn push(&mut self, sent: Sent, fut: PublishAckFuture) {
-        self.in_flight_bytes += sent.payload.len();
-        let started = std::time::Instant::now();
-        let health = self.health.clone();
-        self.acks.push(Box::pin(async move {
-            let res = fut.await;
-            health
-                .puback_seconds
-                .observe(started.elapsed().as_secs_f64());
-            (sent, res)
-        }));
-    }
-
-    /// The next PubAck, in any order. `None` when nothing is in flight. A poison
-    /// failure is dead-lettered here and its ticket returned once the dead letter is
-    /// acked; a transient failure is an error, and the caller replays from the first
-    /// unconfirmed transaction.
+    /// The next PubAck, in publish order. `None` when nothing is in flight. A failure
+    /// is an error: the caller replays from the first unacknowledged transaction (a
+    /// message the client could not send for its size was dead-lettered at publish).
     pub async fn next_ack(&mut self) -> Option<Result<Ticket>> {
-        let (sent, res) = self.acks.next().await?;
+        let (sent, sent_at, res) = self.acks.next().await?;
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(sent.payload.len());
+        self.health
+            .puback_seconds
+            .observe(sent_at.elapsed().as_secs_f64());
         Some(match res {
-            Ok(_) => {
+            Ok(()) => {
                 sent.counter.inc();
                 let now_ms = crate::metrics::now_ms();
                 self.health.acked(now_ms);
@@ -330,12 +324,12 @@ impl Sink {
                 }
                 Ok(sent.ticket)
             }
-            Err(e) if is_poison(e.kind()) => {
-                let reason = e.to_string();
-                let ticket = sent.ticket;
-                self.dead_letter_sent(sent, &reason).await.map(|()| ticket)
-            }
-            Err(e) => Err(publish_error(&self.health, &self.denials, &e)),
+            Err(e) => Err(publish_failed(
+                &self.health,
+                &self.denials,
+                e.kind(),
+                &format!("jetstream publish to {}: {e}", sent.subject),
+            )),
         })
     }
 
@@ -462,13 +456,6 @@ fn essential_headers(all: &async_nats::HeaderMap) -> async_nats::HeaderMap {
     out
 }
 
-/// Failures that retrying can never fix for this message. "No stream" is not among
-/// them: routing checks the stream index before publishing, so a missing stream here
-/// means one vanished mid-flight, and the next session re-decides from a fresh index.
-fn is_poison(kind: PublishErrorKind) -> bool {
-    matches!(kind, PublishErrorKind::MaxPayloadExceeded)
-}
-
 /// A bounded label for the dead-letter metric.
 fn dead_letter_kind(reason: &str) -> &'static str {
     if reason.contains("max_payload") || reason.contains("max payload") {
@@ -493,6 +480,12 @@ fn publish_error(
         PublishErrorKind::MaxPayloadExceeded => "max_payload",
         _ => "other",
     };
+    publish_failed(health, denials, kind, &format!("jetstream publish: {e}"))
+}
+
+/// A publish that failed for a reason retrying may fix: counted under `kind`, and
+/// explained by the server's permission error when there was one.
+fn publish_failed(health: &Health, denials: &Denials, kind: &str, message: &str) -> Error {
     health.publish_error(kind);
     if let Some(denied) = denials.take() {
         health.publish_error("permission_denied");
@@ -501,7 +494,7 @@ fn publish_error(
              and subscribe on _INBOX.> (see docs/security.md); the relay keeps retrying meanwhile",
         );
     }
-    Error::transient(format!("jetstream publish: {e}"))
+    Error::transient(message.to_string())
         .hint("check nats-server health and the target stream; the relay replays from the first unacknowledged event")
 }
 

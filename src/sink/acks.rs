@@ -1,0 +1,267 @@
+//! PubAcks of pipelined JetStream publishes, multiplexed on one subscription.
+//!
+//! async-nats' `send_publish` gives each message its own reply inbox, a oneshot, a
+//! timer and a boxed future; that bookkeeping was about 40% of the relay's CPU per
+//! event (docs/benchmarks.md). Here every message is a core publish with reply subject
+//! `<inbox>.<n>`, `n` a counter, and one subscription on `<inbox>.*` receives every
+//! PubAck. Pending messages sit in a queue indexed by `n - base`, so an ack finds its
+//! message in O(1) in whatever order acks arrive, and only the oldest message's
+//! deadline needs a timer. Measured in a standalone harness: 3.6–5.4 µs less client CPU
+//! per message, every ack matched exactly once.
+//!
+//! Invariant: the connection never reconnects (see [`super::connect`]), so when the
+//! subscription ends, no pending ack can arrive any more: every pending message fails.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, HeaderMap, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+
+/// Why a message has no positive PubAck.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AckError {
+    /// 503 "no responders": no stream captures the subject.
+    NoStream,
+    /// No PubAck within the ack timeout.
+    TimedOut,
+    /// The connection is gone; the ack can never arrive.
+    Closed,
+    /// JetStream refused the message.
+    Api {
+        code: u16,
+        err_code: u64,
+        description: String,
+    },
+    /// A reply that is not a PubAck.
+    Malformed(String),
+}
+
+impl AckError {
+    /// The `kind` label of `outbox_relay_publish_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AckError::NoStream => "stream_not_found",
+            AckError::TimedOut => "timed_out",
+            AckError::Closed => "broken_pipe",
+            AckError::Api { .. } | AckError::Malformed(_) => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for AckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AckError::NoStream => f.write_str("no stream captures the subject (no responders)"),
+            AckError::TimedOut => f.write_str("no puback within nats.ack_timeout"),
+            AckError::Closed => f.write_str("the nats connection closed before the puback"),
+            AckError::Api {
+                code,
+                err_code,
+                description,
+            } => write!(f, "jetstream error {code} ({err_code}): {description}"),
+            AckError::Malformed(text) => write!(f, "unexpected puback: {text}"),
+        }
+    }
+}
+
+/// A PubAck body: `{"stream":"S","seq":1,"duplicate":true}` or `{"error":{…}}`.
+#[derive(serde::Deserialize)]
+struct Body<'a> {
+    #[serde(default, borrow)]
+    stream: Option<&'a str>,
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+#[derive(serde::Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+/// The outcome a reply on the ack subscription means.
+pub fn parse(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Result<(), AckError> {
+    if status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return Err(AckError::NoStream);
+    }
+    match serde_json::from_slice::<Body<'_>>(payload) {
+        Ok(Body { error: Some(e), .. }) => Err(AckError::Api {
+            code: e.code,
+            err_code: e.err_code,
+            description: e.description.to_lowercase(),
+        }),
+        Ok(Body {
+            stream: Some(s), ..
+        }) if !s.is_empty() => Ok(()),
+        _ => Err(AckError::Malformed(
+            String::from_utf8_lossy(&payload[..payload.len().min(200)]).into_owned(),
+        )),
+    }
+}
+
+struct Slot<T> {
+    sent_at: Instant,
+    outcome: Option<Result<(), AckError>>,
+    meta: T,
+}
+
+/// Pipelined publishes and their PubAcks; `T` is what the caller keeps per message.
+pub struct AckMux<T> {
+    client: Client,
+    sub: Subscriber,
+    /// `<inbox>.`, with the dot.
+    prefix: String,
+    /// `n` of `slots[0]`.
+    base: u64,
+    slots: VecDeque<Slot<T>>,
+    timeout: Duration,
+}
+
+impl<T> AckMux<T> {
+    pub async fn new(client: Client, timeout: Duration) -> crate::error::Result<Self> {
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(format!("{inbox}.*")).await.map_err(|e| {
+            crate::error::Error::transient(format!("subscribe for pubacks on {inbox}.*: {e}")).hint(
+                "the relay's nats user needs subscribe permission on _INBOX.> (docs/security.md)",
+            )
+        })?;
+        Ok(Self {
+            client,
+            sub,
+            prefix: format!("{inbox}."),
+            base: 0,
+            slots: VecDeque::new(),
+            timeout,
+        })
+    }
+
+    /// Messages awaiting their PubAck.
+    pub fn pending(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Publish; the outcome comes from [`AckMux::next`].
+    pub async fn publish(
+        &mut self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        meta: T,
+    ) -> Result<(), (T, async_nats::PublishError)> {
+        let n = self.base + self.slots.len() as u64;
+        let reply = format!("{}{n}", self.prefix);
+        match self
+            .client
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .await
+        {
+            Ok(()) => {
+                self.slots.push_back(Slot {
+                    sent_at: Instant::now(),
+                    outcome: None,
+                    meta,
+                });
+                Ok(())
+            }
+            Err(e) => Err((meta, e)),
+        }
+    }
+
+    /// The oldest message's outcome, once known, with what was kept for it and when it
+    /// was sent; `None` when nothing is pending. Cancel-safe: a reply is recorded before
+    /// the next await, so dropping this future loses nothing.
+    pub async fn next(&mut self) -> Option<(T, Instant, Result<(), AckError>)> {
+        loop {
+            let (known, sent_at) = self
+                .slots
+                .front()
+                .map(|s| (s.outcome.is_some(), s.sent_at))?;
+            if known {
+                return self.pop();
+            }
+            let deadline = sent_at + self.timeout;
+            match tokio::time::timeout_at(deadline.into(), self.sub.next()).await {
+                Ok(Some(m)) => self.record(&m),
+                Ok(None) => {
+                    for slot in self.slots.iter_mut().filter(|s| s.outcome.is_none()) {
+                        slot.outcome = Some(Err(AckError::Closed));
+                    }
+                }
+                Err(_) => {
+                    if let Some(front) = self.slots.front_mut() {
+                        front.outcome = Some(Err(AckError::TimedOut));
+                    }
+                }
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<(T, Instant, Result<(), AckError>)> {
+        let slot = self.slots.pop_front()?;
+        self.base += 1;
+        let outcome = slot.outcome.unwrap_or(Err(AckError::TimedOut));
+        Some((slot.meta, slot.sent_at, outcome))
+    }
+
+    /// Store a reply's outcome with its message. A reply for a message already given
+    /// up (timed out) or not ours is ignored.
+    fn record(&mut self, m: &async_nats::Message) {
+        let Some(n) = m
+            .subject
+            .as_str()
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|t| t.parse::<u64>().ok())
+        else {
+            return;
+        };
+        let Some(slot) = n
+            .checked_sub(self.base)
+            .and_then(|i| self.slots.get_mut(i as usize))
+        else {
+            return;
+        };
+        if slot.outcome.is_none() {
+            slot.outcome = Some(parse(m.status, &m.payload));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pubacks_parse() {
+        assert_eq!(parse(None, br#"{"stream":"OUTBOX","seq":7}"#), Ok(()));
+        assert_eq!(
+            parse(None, br#"{"stream":"OUTBOX","seq":7,"duplicate":true}"#),
+            Ok(())
+        );
+        assert_eq!(
+            parse(Some(async_nats::StatusCode::NO_RESPONDERS), b""),
+            Err(AckError::NoStream)
+        );
+        let e = parse(
+            None,
+            br#"{"error":{"code":400,"err_code":10054,"description":"Message Size Exceeds Maximum Allowed"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "jetstream error 400 (10054): message size exceeds maximum allowed"
+        );
+        assert_eq!(e.kind(), "other");
+        assert!(matches!(parse(None, b"{}"), Err(AckError::Malformed(_))));
+        assert!(matches!(parse(None, b"\xff"), Err(AckError::Malformed(_))));
+        assert!(matches!(
+            parse(None, br#"{"stream":""}"#),
+            Err(AckError::Malformed(_))
+        ));
+    }
+}
