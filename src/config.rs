@@ -20,6 +20,10 @@ use crate::decode::ColumnMap;
 use crate::error::{Error, Result};
 pub use crate::secret::{Secret, SecretUrl, redact_url};
 
+/// Upper bound of `nats.max_in_flight`: async-nats buffers 65,536 messages per
+/// subscription, and every PubAck arrives on one (`sink::acks`); more would be dropped.
+pub const MAX_IN_FLIGHT: usize = 65_536;
+
 /// Environment variables with this prefix override config keys.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 /// Not a config key: the CLI reads it as `--config`.
@@ -487,6 +491,13 @@ impl Config {
                 "the default is 4096",
             ));
         }
+        if self.nats.max_in_flight > MAX_IN_FLIGHT {
+            return Err(bad_key(
+                "nats.max_in_flight",
+                format!("must be at most {MAX_IN_FLIGHT}"),
+                "the relay's PubAck subscription buffers that many replies; the default is 4096",
+            ));
+        }
         if self.nats.max_in_flight_bytes == 0 {
             return Err(bad_key(
                 "nats.max_in_flight_bytes",
@@ -863,6 +874,14 @@ listen = "127.0.0.1:9187"
 
     #[test]
     fn validate_names_the_key() {
+        let mut cfg = Config::default();
+        cfg.nats.max_in_flight = MAX_IN_FLIGHT + 1;
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .message
+                .contains("nats.max_in_flight: must be at most 65536")
+        );
         let mut cfg = Config::default();
         cfg.postgres.url = SecretUrl::new("mysql://x");
         assert!(cfg.validate().unwrap_err().message.contains("postgres.url"));
