@@ -28,6 +28,10 @@
 //!   done.
 //! - `--terminate`: after the run, SIGTERM and wait for the exit (graceful drain).
 
+#[path = "common/procfs.rs"]
+mod procfs;
+use procfs::{machine_ticks, proc_ctx_switches, proc_mem};
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -357,21 +361,6 @@ fn proc_cpu(pid: u32) -> Option<Cpu> {
     })
 }
 
-/// (VmRSS, VmHWM) in kB; zeros when the process is gone.
-fn proc_mem(pid: u32) -> (u64, u64) {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return (0, 0);
-    };
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// A child of `postmaster` whose process title says it is a walsender.
 fn find_walsender(postmaster: u32) -> Option<u32> {
     let children =
@@ -383,39 +372,6 @@ fn find_walsender(postmaster: u32) -> Option<u32> {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             String::from_utf8_lossy(&cmdline).contains("walsender")
         })
-}
-
-/// Voluntary + involuntary context switches of every live thread of a process.
-fn proc_ctx_switches(pid: u32) -> Option<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let Ok(text) = std::fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        total += text
-            .lines()
-            .filter(|l| l.contains("ctxt_switches:"))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum::<u64>();
-    }
-    Some(total)
-}
-
-/// (busy, total) jiffies of the whole machine from `/proc/stat`.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
 }
 
 /// `outbox_relay_events_published_total` from the relay's `/metrics`.
