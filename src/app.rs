@@ -491,7 +491,10 @@ impl Session<'_> {
         let definition = sink::schedule::definition_subject(prefix, stream, sink.origin(), env.pos);
         if index.allows_schedules(stream) && index.stream_of(&definition).as_deref() == Some(stream)
         {
-            return Ok(definition);
+            return match index.schedule_limit(stream, env.delay_seconds) {
+                Some(limit) => Err(format!("delay_seconds: {limit}")),
+                None => Ok(definition),
+            };
         }
         Err(format!(
             "delay_seconds: stream {stream} (subject {}) cannot hold schedule definitions: it needs \
@@ -669,6 +672,15 @@ impl Session<'_> {
                 self.health
                     .published(&env.stream, &env.subject, tenant_of(&env));
                 continue;
+            }
+            // The in-flight bound holds within one event too: a fan-out may have more
+            // copies than the window (every PubAck must fit the ack subscription).
+            while sink.in_flight() >= self.cfg.nats.max_in_flight {
+                match sink.next_ack().await {
+                    Some(Ok(done)) => st.tracker.ack(done),
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
             }
             if let Some(done) = sink.publish(ticket, env).await? {
                 st.tracker.ack(done);

@@ -33,9 +33,14 @@ use crate::error::{Error, Result};
 use crate::route::Position;
 use crate::route::headers;
 
-/// How far back from a stream's end to look for this source's last message, when other
-/// publishers share the stream.
+/// How many messages of other publishers to look past, from a stream's end, for this
+/// source's last message. Messages a schedule generated from this source's definitions
+/// and deleted sequence numbers (the definitions themselves, once fired) do not count:
+/// they pile up at the end while the relay is down, when reconciliation matters most.
 const SCAN_BACK: u64 = 512;
+
+/// Upper bound on the reads of one stream's scan, whatever they find.
+const MAX_SCAN_READS: u64 = 65_536;
 
 /// The persisted position in a KV bucket.
 pub struct Checkpoint {
@@ -248,8 +253,10 @@ async fn last_position(
         return Ok(None);
     }
     let mut tail = TailMark::default();
+    let (mut foreign, mut reads) = (0u64, 0u64);
     let mut seq = last;
-    while seq >= first.max(1) && last - seq < SCAN_BACK {
+    while seq >= first.max(1) && foreign < SCAN_BACK && reads < MAX_SCAN_READS {
+        reads += 1;
         match s.get_raw_message(seq).await {
             Ok(m) => {
                 let h = &m.headers;
@@ -264,9 +271,12 @@ async fn last_position(
                     if let Some(mark) = tail.see(Position { commit_lsn, index }, generated) {
                         return Ok(Some(mark));
                     }
+                } else {
+                    foreign += 1;
                 }
             }
-            // Deleted or purged message: keep looking further back.
+            // Deleted or purged message (a fired schedule definition leaves one):
+            // keep looking further back.
             Err(e)
                 if e.to_string().contains("not found") || e.to_string().contains("no message") => {}
             Err(e) => {

@@ -131,17 +131,27 @@ fn schedule_problems(
 ) {
     use sink::streams::{pattern_covers, patterns_overlap, template_pattern};
     let prefix = &cfg.routing.schedule_prefix;
-    for (target, subject) in rules.delayed_targets() {
+    for (target, subject, delay) in rules.delayed_targets() {
         let pattern = template_pattern(subject);
         let mut streams: Vec<&str> = index
             .filters()
             .iter()
             .filter(|(f, _)| patterns_overlap(f, &pattern))
             .map(|(_, name)| name.as_str())
-            .filter(|name| !cfg.streams.iter().any(|s| s.name == *name))
             .collect();
         streams.dedup();
         for stream in streams {
+            if let Some(limit) = index.schedule_limit(stream, delay) {
+                problems.push(problem(
+                    &format!("{target} (delay_seconds {delay}) can route to stream {stream}: {limit}"),
+                    Some("give delayed targets a limits-retention stream whose max_age exceeds the delay"),
+                ));
+                continue;
+            }
+            // `[[streams]]` entries get schedules at start.
+            if cfg.streams.iter().any(|s| s.name == stream) {
+                continue;
+            }
             let filter = sink::schedule::stream_filter(prefix, stream);
             let holds = index.allows_schedules(stream)
                 && index

@@ -468,6 +468,16 @@ async fn undeclared_stream_without_schedules(env: &Env) {
     })
     .await
     .unwrap();
+    // Schedules allowed, but definitions would expire before they fire.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "SHORT".into(),
+        subjects: vec!["short.>".into(), "outbox-relay.schedule.SHORT.>".into()],
+        max_age: std::time::Duration::from_secs(3),
+        allow_message_schedules: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     env.write_rules_config(
         r#"
 [[route]]
@@ -480,6 +490,10 @@ subject = "outbox.cart.now"
 [[route.targets]]
 subject = "later.{aggregate_type}"
 delay_seconds = 5
+
+[[route.targets]]
+subject = "short.{aggregate_type}"
+delay_seconds = 5
 "#,
         "",
     );
@@ -489,20 +503,31 @@ delay_seconds = 5
         r#"route "carts" targets[1] (delay_seconds) can route to stream LATER"#,
         "allow_msg_schedules and the subjects outbox-relay.schedule.LATER.>",
         "declare stream LATER in [[streams]]",
+        r#"route "carts" targets[2] (delay_seconds 5) can route to stream SHORT: stream SHORT keeps messages for max_age 3s, not longer than delay_seconds 5"#,
     ] {
         assert!(out.text().contains(needle), "{needle}: {}", out.text());
     }
     let _relay = env.spawn_relay();
     insert_carts(&env.sql().await, 1).await;
-    let msgs = wait_read(&js, STREAM, 2).await;
+    let msgs = wait_read(&js, STREAM, 3).await;
     assert_eq!(
         subjects(&msgs),
-        ["outbox.cart.now", "outbox.dlq.later.cart"]
+        [
+            "outbox.cart.now",
+            "outbox.dlq.later.cart",
+            "outbox.dlq.short.cart"
+        ]
     );
     let reason = msgs[1].header("Outbox-Dlq-Reason").unwrap_or("");
     assert!(
         reason.contains("stream LATER (subject later.cart) cannot hold schedule definitions"),
         "{reason}"
     );
+    let reason = msgs[2].header("Outbox-Dlq-Reason").unwrap_or("");
+    assert!(
+        reason.contains("the schedule definition would expire before it fires"),
+        "{reason}"
+    );
     assert_eq!(stream_count(&js, "LATER").await, 0);
+    assert_eq!(stream_count(&js, "SHORT").await, 0);
 }

@@ -69,8 +69,9 @@ impl std::fmt::Display for AckError {
 /// A PubAck body: `{"stream":"S","seq":1,"duplicate":true}` or `{"error":{…}}`.
 #[derive(serde::Deserialize)]
 struct Body<'a> {
+    /// Borrowed unless the name needed JSON escapes.
     #[serde(default, borrow)]
-    stream: Option<&'a str>,
+    stream: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     error: Option<ApiError>,
 }
@@ -111,6 +112,15 @@ struct Slot<T> {
     meta: T,
 }
 
+/// Why a publish did not go out.
+#[derive(Debug)]
+pub enum SendError {
+    /// Larger than the server's `max_payload` (headers included): never publishable.
+    TooLarge,
+    /// The connection did not take it (closed, or stalled beyond the ack timeout).
+    Failed(String),
+}
+
 /// Pipelined publishes and their PubAcks; `T` is what the caller keeps per message.
 pub struct AckMux<T> {
     client: Client,
@@ -146,31 +156,40 @@ impl<T> AckMux<T> {
         self.slots.len()
     }
 
-    /// Publish; the outcome comes from [`AckMux::next`].
+    /// Publish; the outcome comes from [`AckMux::next`]. The hand-over to the
+    /// connection is bounded by the ack timeout, as `send_publish` bounded it: a stalled
+    /// socket must end the session, not block it.
     pub async fn publish(
         &mut self,
         subject: String,
         headers: HeaderMap,
         payload: Bytes,
         meta: T,
-    ) -> Result<(), (T, async_nats::PublishError)> {
+    ) -> Result<(), (T, SendError)> {
         let n = self.base + self.slots.len() as u64;
         let reply = format!("{}{n}", self.prefix);
-        match self
+        let send = self
             .client
-            .publish_with_reply_and_headers(subject, reply, headers, payload)
-            .await
-        {
-            Ok(()) => {
+            .publish_with_reply_and_headers(subject, reply, headers, payload);
+        let failed = match tokio::time::timeout(self.timeout, send).await {
+            Ok(Ok(())) => {
                 self.slots.push_back(Slot {
                     sent_at: Instant::now(),
                     outcome: None,
                     meta,
                 });
-                Ok(())
+                return Ok(());
             }
-            Err(e) => Err((meta, e)),
-        }
+            Ok(Err(e)) if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                SendError::TooLarge
+            }
+            Ok(Err(e)) => SendError::Failed(e.to_string()),
+            Err(_) => SendError::Failed(format!(
+                "the connection took no publish for {:?}",
+                self.timeout
+            )),
+        };
+        Err((meta, failed))
     }
 
     /// The oldest message's outcome, once known, with what was kept for it and when it
@@ -263,5 +282,7 @@ mod tests {
             parse(None, br#"{"stream":""}"#),
             Err(AckError::Malformed(_))
         ));
+        // A stream name with a JSON escape cannot be borrowed.
+        assert_eq!(parse(None, br#"{"stream":"a\"b","seq":1}"#), Ok(()));
     }
 }

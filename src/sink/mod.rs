@@ -265,14 +265,11 @@ impl Sink {
                 self.in_flight_bytes += size;
                 Ok(None)
             }
-            Err((sent, e))
-                if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded =>
-            {
-                self.dead_letter_sent(sent, "max payload size exceeded")
-                    .await
-                    .map(|()| Some(ticket))
-            }
-            Err((_, e)) => Err(publish_failed(
+            Err((sent, acks::SendError::TooLarge)) => self
+                .dead_letter_sent(sent, "max payload size exceeded")
+                .await
+                .map(|()| Some(ticket)),
+            Err((_, acks::SendError::Failed(e))) => Err(publish_failed(
                 &self.health,
                 &self.denials,
                 "broken_pipe",

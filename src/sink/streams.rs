@@ -15,13 +15,17 @@ use crate::error::{Error, Result};
 /// the caller has checked that the server supports them).
 pub async fn ensure(js: &jetstream::Context, cfg: &Config, schedules: bool) -> Result<()> {
     for s in &cfg.streams {
-        let mut want = stream_config(s);
-        if schedules {
-            let filter = super::schedule::stream_filter(&cfg.routing.schedule_prefix, &s.name);
+        let filter = super::schedule::stream_filter(&cfg.routing.schedule_prefix, &s.name);
+        let with_schedules = |mut want: stream::Config| {
             if !want.subjects.iter().any(|f| pattern_covers(f, &filter)) {
-                want.subjects.push(filter);
+                want.subjects.push(filter.clone());
             }
             want.allow_message_schedules = true;
+            want
+        };
+        let mut want = stream_config(s);
+        if schedules {
+            want = with_schedules(want);
         }
         match js.get_stream(&s.name).await {
             Ok(mut existing) => {
@@ -30,6 +34,11 @@ pub async fn ensure(js: &jetstream::Context, cfg: &Config, schedules: bool) -> R
                     .await
                     .map_err(|e| Error::transient(format!("stream {}: {e}", s.name)))?;
                 let have = &info.config;
+                // Delays removed from the rules: definitions may still be pending, and
+                // they fire only while the stream still captures their subjects.
+                if have.allow_message_schedules && have.subjects.contains(&filter) {
+                    want = with_schedules(want);
+                }
                 let differs = have.subjects != want.subjects
                     || have.num_replicas != want.num_replicas
                     || have.duplicate_window != want.duplicate_window
@@ -98,10 +107,18 @@ fn stream_config(s: &StreamConfig) -> stream::Config {
 #[derive(Debug, Default)]
 pub struct StreamIndex {
     filters: Vec<(String, String)>,
-    /// Streams that allow message schedules (`allow_msg_schedules`).
-    schedules: std::collections::HashSet<String>,
+    /// Streams that allow message schedules (`allow_msg_schedules`), with the limits
+    /// that could remove a pending definition.
+    schedules: HashMap<String, ScheduleLimits>,
     cache: HashMap<String, Option<String>>,
     loaded_at: Option<std::time::Instant>,
+}
+
+/// What could remove a pending schedule definition from a stream.
+#[derive(Debug, Clone, Copy)]
+struct ScheduleLimits {
+    max_age: std::time::Duration,
+    retention: stream::RetentionPolicy,
 }
 
 /// Bound on remembered subjects (subjects may carry ids: unbounded cardinality).
@@ -117,7 +134,7 @@ impl StreamIndex {
     /// Re-read every stream's subjects.
     pub async fn refresh(&mut self, js: &jetstream::Context) -> Result<()> {
         let mut filters = Vec::new();
-        let mut schedules = std::collections::HashSet::new();
+        let mut schedules = HashMap::new();
         let mut streams = js.streams();
         while let Some(info) = streams.next().await {
             let info = info.map_err(|e| {
@@ -128,7 +145,13 @@ impl StreamIndex {
                 filters.push((subject.clone(), info.config.name.clone()));
             }
             if info.config.allow_message_schedules {
-                schedules.insert(info.config.name.clone());
+                schedules.insert(
+                    info.config.name.clone(),
+                    ScheduleLimits {
+                        max_age: info.config.max_age,
+                        retention: info.config.retention,
+                    },
+                );
             }
         }
         self.filters = filters;
@@ -153,7 +176,31 @@ impl StreamIndex {
 
     /// Does `stream` allow message schedules?
     pub fn allows_schedules(&self, stream: &str) -> bool {
-        self.schedules.contains(stream)
+        self.schedules.contains_key(stream)
+    }
+
+    /// Why `stream` could remove a definition delayed by `delay_seconds` before it
+    /// fires, if it could: a definition's PubAck moves the slot on, so a definition
+    /// the stream drops is a lost event. (A full stream with `discard = old` can drop
+    /// one too; that is the operator's sizing, as for every message: docs/routing.md.)
+    pub fn schedule_limit(&self, stream: &str, delay_seconds: u64) -> Option<String> {
+        let limits = self.schedules.get(stream)?;
+        if limits.retention != stream::RetentionPolicy::Limits {
+            return Some(format!(
+                "stream {stream} has {:?} retention, which can remove a pending schedule definition; \
+                 delayed targets need limits retention",
+                limits.retention
+            ));
+        }
+        let delay = std::time::Duration::from_secs(delay_seconds);
+        if !limits.max_age.is_zero() && limits.max_age <= delay {
+            return Some(format!(
+                "stream {stream} keeps messages for max_age {}, not longer than delay_seconds {delay_seconds}: \
+                 the schedule definition would expire before it fires",
+                humantime::format_duration(limits.max_age)
+            ));
+        }
+        None
     }
 
     /// Every (subject filter, stream) pair.

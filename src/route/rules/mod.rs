@@ -229,8 +229,8 @@ impl Rules {
     }
 
     /// Every target or fallback with a delay: `(route "name" targets[i], subject
-    /// template)`, so `check` can see which streams must hold schedules.
-    pub fn delayed_targets(&self) -> Vec<(String, &str)> {
+    /// template, delay_seconds)`, so `check` can see which streams must hold schedules.
+    pub fn delayed_targets(&self) -> Vec<(String, &str, u64)> {
         let mut out = Vec::new();
         for r in &self.routes {
             let all = r
@@ -243,6 +243,7 @@ impl Rules {
                 out.push((
                     format!("route {:?} {which}", r.name),
                     t.subject_text.as_str(),
+                    t.delay_seconds,
                 ));
             }
         }

@@ -116,7 +116,8 @@ delay_seconds = 30
         r.delayed_targets(),
         vec![(
             "route \"products\" targets[1]".to_string(),
-            "vip.notifications"
+            "vip.notifications",
+            30
         )]
     );
 
