@@ -484,16 +484,19 @@ impl Session<'_> {
         &self,
         env: &Envelope,
         stream: &str,
-        index: &mut StreamIndex,
+        index: &StreamIndex,
         sink: &Sink,
     ) -> std::result::Result<String, String> {
         let prefix = &self.cfg.routing.schedule_prefix;
-        let definition = sink::schedule::definition_subject(prefix, stream, sink.origin(), env.pos);
-        if index.allows_schedules(stream) && index.stream_of(&definition).as_deref() == Some(stream)
-        {
+        if index.holds_schedules(stream, prefix) {
             return match index.schedule_limit(stream, env.delay_seconds) {
                 Some(limit) => Err(format!("delay_seconds: {limit}")),
-                None => Ok(definition),
+                None => Ok(sink::schedule::definition_subject(
+                    prefix,
+                    stream,
+                    sink.origin(),
+                    env.pos,
+                )),
             };
         }
         Err(format!(

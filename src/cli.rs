@@ -129,7 +129,7 @@ fn schedule_problems(
     index: &sink::streams::StreamIndex,
     problems: &mut Vec<admin::Problem>,
 ) {
-    use sink::streams::{pattern_covers, patterns_overlap, template_pattern};
+    use sink::streams::{patterns_overlap, template_pattern};
     let prefix = &cfg.routing.schedule_prefix;
     for (target, subject, delay) in rules.delayed_targets() {
         let pattern = template_pattern(subject);
@@ -152,13 +152,8 @@ fn schedule_problems(
             if cfg.streams.iter().any(|s| s.name == stream) {
                 continue;
             }
-            let filter = sink::schedule::stream_filter(prefix, stream);
-            let holds = index.allows_schedules(stream)
-                && index
-                    .filters()
-                    .iter()
-                    .any(|(f, s)| s == stream && pattern_covers(f, &filter));
-            if !holds {
+            if !index.holds_schedules(stream, prefix) {
+                let filter = sink::schedule::stream_filter(prefix, stream);
                 problems.push(problem(
                     &format!(
                         "{target} (delay_seconds) can route to stream {stream}, which cannot hold \

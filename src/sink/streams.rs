@@ -175,8 +175,21 @@ impl StreamIndex {
     }
 
     /// Does `stream` allow message schedules?
-    pub fn allows_schedules(&self, stream: &str) -> bool {
+    fn allows_schedules(&self, stream: &str) -> bool {
         self.schedules.contains_key(stream)
+    }
+
+    /// Can `stream` hold schedule definitions: `allow_msg_schedules`, and a subject
+    /// filter covering its namespace `<prefix>.<stream>.>`? Matched against the filters
+    /// (not [`StreamIndex::stream_of`]): every definition subject is unique, and caching
+    /// each would evict the subjects worth caching.
+    pub fn holds_schedules(&self, stream: &str, prefix: &str) -> bool {
+        let namespace = super::schedule::stream_filter(prefix, stream);
+        self.allows_schedules(stream)
+            && self
+                .filters
+                .iter()
+                .any(|(f, s)| s == stream && pattern_covers(f, &namespace))
     }
 
     /// Why `stream` could remove a definition delayed by `delay_seconds` before it
