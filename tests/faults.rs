@@ -512,21 +512,7 @@ async fn missing_slot_after_delivery_is_fatal() {
     insert_tx(&c, 3, "x").await;
     wait_count(&env.js().await, STREAM, 3).await;
     assert!(relay.terminate().success());
-    // The walsender of the stopped relay may take a moment to exit and release the slot.
-    let c2 = &c;
-    wait_for(
-        "slot released by the stopped relay",
-        DEADLINE,
-        || async move {
-            c2.query_one(
-                "SELECT NOT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-                &[],
-            )
-            .await
-            .is_ok_and(|r| r.get::<_, bool>(0))
-        },
-    )
-    .await;
+    wait_slot_released(&c, "outbox_relay").await;
     c.execute("SELECT pg_drop_replication_slot('outbox_relay')", &[])
         .await
         .unwrap();

@@ -430,6 +430,24 @@ pub async fn slot_holder_pid(c: &tokio_postgres::Client) -> i32 {
     .get(0)
 }
 
+/// Waits until no walsender holds slot `slot`: a stopped or killed relay's backend
+/// may take a moment to exit, and a slot still active cannot be dropped or copied.
+pub async fn wait_slot_released(c: &tokio_postgres::Client, slot: &str) {
+    wait_for(
+        &format!("slot {slot} released by the stopped relay"),
+        DEADLINE,
+        || async move {
+            c.query_one(
+                "SELECT NOT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0))
+        },
+    )
+    .await;
+}
+
 /// The single bigint of `sql` (a count, a position difference).
 pub async fn query_i64(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[])

@@ -360,6 +360,7 @@ async fn delayed_targets_fire_at_commit_plus_delay_exactly_once() {
     // Replay everything beyond the duplicate window.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     relay.kill();
+    wait_slot_released(&c, "outbox_relay").await;
     c.batch_execute(
         "SELECT pg_drop_replication_slot('outbox_relay');
          SELECT pg_copy_logical_replication_slot('rewind', 'outbox_relay');
