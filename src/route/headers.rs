@@ -4,9 +4,11 @@
 //! duplicate window; `Outbox-Commit-Lsn` + `Outbox-Tx-Index` are the event's position,
 //! which lets a restart reconcile with what a stream already holds beyond that window.
 
+use std::cell::RefCell;
 use std::str::FromStr;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
 
 use super::Position;
 use crate::decode::OutboxEvent;
@@ -49,33 +51,110 @@ pub fn header_names() -> [&'static str; 15] {
     ]
 }
 
-/// Header names parsed once, cloned per message (cheaper than validating each time).
-#[derive(Debug, Clone)]
+/// Builds each message's headers by cloning a template instead of inserting all of
+/// them one by one.
+///
+/// `async_nats::HeaderMap` is a SipHash `HashMap` that cannot be created with a
+/// capacity: inserting 13 headers into an empty one hashed each name, grew the table 3
+/// times (rehashing what it held) and validated every value: a quarter of the relay's
+/// CPU per event in catch-up (docs/benchmarks.md). Consecutive messages mostly repeat
+/// their headers (same transaction, topic, aggregate type, tenant), so the template
+/// keeps the last values of those "sticky" headers and is cloned (one table
+/// allocation, no hashing), and only the headers that change per message are inserted.
+///
+/// Invariant: the template holds exactly the header names the next message gets
+/// (sticky ones with their last value, per-message ones with an empty placeholder that
+/// [`HeaderSet::build`] always overwrites), so a clone never carries a header the
+/// message should not have. A sticky header appearing or disappearing (a column that
+/// is NULL in one row and set in the next) rebuilds the template.
+#[derive(Debug)]
 pub struct HeaderSet {
-    names: [HeaderName; 12],
-    origin: (HeaderName, HeaderValue),
+    names: Names,
+    origin: HeaderValue,
+    /// Interior mutability keeps routing `&self`; a session routes on one task.
+    template: RefCell<Option<Template>>,
+}
+
+impl Clone for HeaderSet {
+    /// A clone starts with no template (it is only a cache).
+    fn clone(&self) -> Self {
+        Self {
+            names: self.names.clone(),
+            origin: self.origin.clone(),
+            template: RefCell::new(None),
+        }
+    }
+}
+
+/// Header names parsed once (cheaper than validating them per message).
+#[derive(Debug, Clone)]
+struct Names {
+    msg_id: HeaderName,
+    event_id: HeaderName,
+    aggregate_id: HeaderName,
+    commit_lsn: HeaderName,
+    tx_index: HeaderName,
+    origin: HeaderName,
+    /// In the order of [`sticky_values`].
+    sticky: [HeaderName; STICKY],
+}
+
+/// Headers from columns that usually repeat from one message to the next.
+const STICKY: usize = 7;
+
+/// The raw column values behind the sticky headers, in the order of `Names::sticky`.
+fn sticky_values(ev: &OutboxEvent) -> [Option<&Bytes>; STICKY] {
+    [
+        Some(&ev.event_topic),
+        ev.aggregate_type.as_ref(),
+        ev.tenant_id.as_ref(),
+        ev.source_bc.as_ref(),
+        ev.schema_id.as_ref(),
+        ev.schema_version.as_ref(),
+        ev.occurred_at.as_ref(),
+    ]
+}
+
+/// The headers of the previous message minus what changes per message.
+#[derive(Debug)]
+struct Template {
+    map: HeaderMap,
+    /// The transaction whose `Outbox-Commit-Lsn` `map` holds (`None`: a placeholder).
+    commit_lsn: Option<u64>,
+    /// The raw values the sticky headers in `map` were made from (`None`: no header,
+    /// the column is NULL or not UTF-8).
+    sticky: [Option<Bytes>; STICKY],
+    has_aggregate_id: bool,
+}
+
+/// A column value usable as header text: present and UTF-8 (else no header).
+fn text(value: Option<&Bytes>) -> Option<&str> {
+    value.and_then(|v| std::str::from_utf8(v).ok())
 }
 
 impl HeaderSet {
     pub fn new(origin: &str) -> Self {
         let n = HeaderName::from_static;
-        let origin_value = value(origin);
         Self {
-            origin: (n(ORIGIN), origin_value),
-            names: [
-                n(MSG_ID),
-                n(EVENT_ID),
-                n(EVENT_TOPIC),
-                n(AGGREGATE_TYPE),
-                n(AGGREGATE_ID),
-                n(TENANT_ID),
-                n(SOURCE),
-                n(SCHEMA_ID),
-                n(SCHEMA_VERSION),
-                n(OCCURRED_AT),
-                n(COMMIT_LSN),
-                n(TX_INDEX),
-            ],
+            names: Names {
+                msg_id: n(MSG_ID),
+                event_id: n(EVENT_ID),
+                aggregate_id: n(AGGREGATE_ID),
+                commit_lsn: n(COMMIT_LSN),
+                tx_index: n(TX_INDEX),
+                origin: n(ORIGIN),
+                sticky: [
+                    n(EVENT_TOPIC),
+                    n(AGGREGATE_TYPE),
+                    n(TENANT_ID),
+                    n(SOURCE),
+                    n(SCHEMA_ID),
+                    n(SCHEMA_VERSION),
+                    n(OCCURRED_AT),
+                ],
+            },
+            origin: value(origin),
+            template: RefCell::new(None),
         }
     }
 
@@ -83,39 +162,84 @@ impl HeaderSet {
     /// payload is the data, the headers are a convenience, and one odd value must not
     /// block the event.
     pub fn build(&self, ev: &OutboxEvent, pos: Position, msg_id: Option<&str>) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        let [
-            msg,
-            id,
-            topic,
-            agg_type,
-            agg_id,
-            tenant,
-            source,
-            schema_id,
-            schema_version,
-            occurred,
-            lsn,
-            index,
-        ] = &self.names;
+        let names = &self.names;
+        let aggregate_id = text(ev.aggregate_id.as_ref());
+        let mut cache = self.template.borrow_mut();
+        let fits = cache.as_mut().is_some_and(|t| {
+            t.has_aggregate_id == aggregate_id.is_some() && self.update(t, ev).is_ok()
+        });
+        if !fits {
+            *cache = None;
+        }
+        let t = cache.get_or_insert_with(|| self.template(ev, aggregate_id.is_some()));
+        if t.commit_lsn != Some(pos.commit_lsn) {
+            put(&mut t.map, &names.commit_lsn, &format_lsn(pos.commit_lsn));
+            t.commit_lsn = Some(pos.commit_lsn);
+        }
+        let mut h = t.map.clone();
+        drop(cache);
         let id_str = ev.id_str();
-        put(&mut h, msg, msg_id.unwrap_or(id_str));
-        put(&mut h, id, id_str);
-        put_bytes(&mut h, topic, Some(&ev.event_topic));
-        put_bytes(&mut h, agg_type, ev.aggregate_type.as_ref());
-        put_bytes(&mut h, agg_id, ev.aggregate_id.as_ref());
-        put_bytes(&mut h, tenant, ev.tenant_id.as_ref());
-        put_bytes(&mut h, source, ev.source_bc.as_ref());
-        put_bytes(&mut h, schema_id, ev.schema_id.as_ref());
-        put_bytes(&mut h, schema_version, ev.schema_version.as_ref());
-        put_bytes(&mut h, occurred, ev.occurred_at.as_ref());
-        put(&mut h, lsn, &format_lsn(pos.commit_lsn));
-        h.insert(index.clone(), HeaderValue::from(pos.index));
-        h.insert(self.origin.0.clone(), self.origin.1.clone());
+        put(&mut h, &names.msg_id, msg_id.unwrap_or(id_str));
+        put(&mut h, &names.event_id, id_str);
+        h.insert(names.tx_index.clone(), HeaderValue::from(pos.index));
+        if let Some(a) = aggregate_id {
+            put(&mut h, &names.aggregate_id, a);
+        }
         if let Some(meta) = &ev.metadata {
             metadata_headers(&mut h, meta);
         }
         h
+    }
+
+    /// Brings the template's sticky headers to `ev`'s values; `Err` when one appears or
+    /// disappears (the template must be rebuilt, see the invariant on [`HeaderSet`]).
+    fn update(&self, t: &mut Template, ev: &OutboxEvent) -> Result<(), ()> {
+        let values = sticky_values(ev);
+        let changed = |i: usize| t.sticky[i].as_deref() != values[i].map(|b| &b[..]);
+        // Raw bytes equal: same header. Only a changed value is checked and written.
+        for (i, v) in values.iter().enumerate() {
+            if changed(i) && text(*v).is_some() != t.sticky[i].is_some() {
+                return Err(());
+            }
+        }
+        for (i, v) in values.into_iter().enumerate() {
+            if t.sticky[i].as_deref() == v.map(|b| &b[..]) {
+                continue;
+            }
+            if let Some(s) = text(v) {
+                put(&mut t.map, &self.names.sticky[i], s);
+                t.sticky[i] = v.cloned();
+            }
+        }
+        Ok(())
+    }
+
+    /// A new template for messages shaped like `ev`.
+    fn template(&self, ev: &OutboxEvent, has_aggregate_id: bool) -> Template {
+        let names = &self.names;
+        let mut map = HeaderMap::new();
+        let mut sticky: [Option<Bytes>; STICKY] = Default::default();
+        for ((name, v), kept) in names.sticky.iter().zip(sticky_values(ev)).zip(&mut sticky) {
+            if let Some(s) = text(v) {
+                put(&mut map, name, s);
+                *kept = v.cloned();
+            }
+        }
+        map.insert(names.origin.clone(), self.origin.clone());
+        map.insert(names.commit_lsn.clone(), HeaderValue::new());
+        // Placeholders, overwritten for every message.
+        map.insert(names.msg_id.clone(), HeaderValue::new());
+        map.insert(names.event_id.clone(), HeaderValue::new());
+        map.insert(names.tx_index.clone(), HeaderValue::new());
+        if has_aggregate_id {
+            map.insert(names.aggregate_id.clone(), HeaderValue::new());
+        }
+        Template {
+            map,
+            commit_lsn: None,
+            sticky,
+            has_aggregate_id,
+        }
     }
 }
 
@@ -184,14 +308,6 @@ pub fn value(text: &str) -> HeaderValue {
     HeaderValue::from_str(&sanitize(text)).unwrap_or_default()
 }
 
-fn put_bytes(h: &mut HeaderMap, name: &HeaderName, value: Option<&bytes::Bytes>) {
-    if let Some(v) = value
-        && let Ok(s) = std::str::from_utf8(v)
-    {
-        put(h, name, s);
-    }
-}
-
 /// Every top-level key of the `metadata` object whose name is a valid header name and
 /// whose value is a string, number or bool that needs no [`sanitize`]ing becomes a
 /// header, e.g. `traceparent`. Our own names win: metadata cannot forge `Nats-*` or
@@ -243,6 +359,7 @@ fn is_metadata_name(k: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use proptest::strategy::Strategy;
 
     use super::*;
 
@@ -258,6 +375,115 @@ mod tests {
 
     fn get<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
         h.get(name).map(|v| v.as_str())
+    }
+
+    /// One optional column value from a small pool, so that consecutive events often
+    /// repeat it (the template's fast path) and sometimes change, vanish or are not
+    /// UTF-8 (its rebuilds).
+    fn column() -> impl proptest::strategy::Strategy<Value = Option<Bytes>> {
+        proptest::prop_oneof![
+            3 => proptest::strategy::Just(None),
+            6 => proptest::sample::select(vec!["a", "b", "x\r\ny", "Nats-Msg-Id: 1"])
+                .prop_map(|v| Some(Bytes::from_static(v.as_bytes()))),
+            1 => proptest::strategy::Just(Some(Bytes::from_static(b"\xff\xfe"))),
+        ]
+    }
+
+    fn any_event() -> impl proptest::strategy::Strategy<Value = (OutboxEvent, Position)> {
+        use proptest::prelude::*;
+        (
+            (0u64..3, 0u32..4, "[a-c]{1,2}", column(), column(), column()),
+            (column(), column(), column(), column(), column()),
+            proptest::option::of(proptest::sample::select(vec![
+                r#"{"traceparent": "00-1"}"#,
+                r#"{"k": 1}"#,
+            ])),
+        )
+            .prop_map(
+                |((lsn, index, id, topic, ty, agg), (tenant, src, sid, sv, at), meta)| {
+                    let mut ev = OutboxEvent::new(
+                        Bytes::from(id),
+                        topic.unwrap_or_else(|| Bytes::from_static(b"t")),
+                        Bytes::from_static(b"{}"),
+                    );
+                    ev.aggregate_type = ty;
+                    ev.aggregate_id = agg;
+                    ev.tenant_id = tenant;
+                    ev.source_bc = src;
+                    ev.schema_id = sid;
+                    ev.schema_version = sv;
+                    ev.occurred_at = at;
+                    ev.metadata = meta.map(|m| Bytes::from_static(m.as_bytes()));
+                    let pos = Position {
+                        commit_lsn: lsn << 32 | 0x10,
+                        index,
+                    };
+                    (ev, pos)
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of events, the template gives each message exactly the
+        /// headers a template built for it alone would: no value left over from the
+        /// previous message, none missing.
+        #[test]
+        fn template_headers_equal_fresh_headers(
+            events in proptest::collection::vec(any_event(), 1..40),
+            explicit_id in proptest::bool::ANY,
+        ) {
+            let shared = HeaderSet::new("app/outbox_relay");
+            for (ev, pos) in &events {
+                let msg_id = explicit_id.then_some("id:subject");
+                let fresh = HeaderSet::new("app/outbox_relay").build(ev, *pos, msg_id);
+                proptest::prop_assert_eq!(shared.build(ev, *pos, msg_id), fresh);
+            }
+        }
+    }
+
+    #[test]
+    fn every_header_from_a_full_row() {
+        let mut ev = OutboxEvent::new(
+            Bytes::from_static(b"id-1"),
+            Bytes::from_static(b"created"),
+            Bytes::from_static(b"{}"),
+        );
+        let col = |v: &'static str| Some(Bytes::from_static(v.as_bytes()));
+        ev.aggregate_type = col("order");
+        ev.aggregate_id = col("42");
+        ev.tenant_id = col("acme");
+        ev.source_bc = col("sales");
+        ev.schema_id = col("s1");
+        ev.schema_version = col("2");
+        ev.occurred_at = col("2026-12-02 08:00:00+00");
+        let pos = Position {
+            commit_lsn: 0x1_0000_00A0,
+            index: 3,
+        };
+        let set = HeaderSet::new("app/outbox_relay");
+        // Twice: the second comes from the template.
+        for _ in 0..2 {
+            let h = set.build(&ev, pos, None);
+            let want = [
+                (ORIGIN, "app/outbox_relay"),
+                (MSG_ID, "id-1"),
+                (EVENT_ID, "id-1"),
+                (EVENT_TOPIC, "created"),
+                (AGGREGATE_TYPE, "order"),
+                (AGGREGATE_ID, "42"),
+                (TENANT_ID, "acme"),
+                (SOURCE, "sales"),
+                (SCHEMA_ID, "s1"),
+                (SCHEMA_VERSION, "2"),
+                (OCCURRED_AT, "2026-12-02 08:00:00+00"),
+                (COMMIT_LSN, "1/A0"),
+                (TX_INDEX, "3"),
+            ];
+            for (name, value) in want {
+                assert_eq!(get(&h, name), Some(value), "{name}");
+            }
+            assert_eq!(h.len(), want.len());
+        }
     }
 
     /// A NATS server looks `Nats-Msg-Id` up by the first occurrence of the text in the
