@@ -425,6 +425,65 @@ async fn wait_reminders(js: &async_nats::jetstream::Context, n: usize) -> Vec<Ms
     read_all(js, STREAM).await
 }
 
+/// Definitions already stored outlive the delays: a restart whose rules no longer delay
+/// anything keeps the stream's schedule namespace (taking the subjects or
+/// `allow_msg_schedules` away would leave the stored definitions unable to fire), and
+/// the pending reminder still fires, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_schedules_survive_rules_without_delays() {
+    let env = Env::start_migrated().await;
+    env.write_rules_config(
+        &DELAY_RULES.replace("delay_seconds = 2", "delay_seconds = 20"),
+        "",
+    );
+    let mut relay = env.spawn_relay();
+    wait_http(env.http_port, "/readyz", 200, "").await;
+    insert_carts(&env.sql().await, 1).await;
+    let js = env.js().await;
+    let js2 = js.clone();
+    wait_for("the reminder's definition stored", DEADLINE, move || {
+        let js = js2.clone();
+        async move { read_all(&js, STREAM).await.iter().any(is_definition) }
+    })
+    .await;
+    assert!(relay.terminate().success());
+
+    env.write_rules_config(
+        "[[route]]\nname = \"carts\"\nmatch = { aggregate_type = \"cart\" }\n\n[[route.targets]]\nsubject = \"outbox.cart.now\"\n",
+        "",
+    );
+    let _relay = env.spawn_relay();
+    wait_http(env.http_port, "/readyz", 200, "").await;
+    let config = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert!(config.allow_message_schedules, "{config:?}");
+    assert!(
+        config
+            .subjects
+            .iter()
+            .any(|s| s == "outbox-relay.schedule.OUTBOX.>"),
+        "{:?}",
+        config.subjects
+    );
+    assert!(
+        read_all(&js, STREAM).await.iter().any(is_definition),
+        "still pending after the restart"
+    );
+    let msgs = wait_reminders(&js, 1).await;
+    assert_eq!(
+        count(&msgs, "outbox.cart.reminder"),
+        1,
+        "{:?}",
+        subjects(&msgs)
+    );
+    assert_eq!(count(&msgs, "outbox.cart.now"), 1, "{:?}", subjects(&msgs));
+}
+
 /// `delay_seconds` needs JetStream message schedules (nats-server 2.12+). On an older
 /// server (the compatibility run on Debian's 2.9) `check` and `run` refuse the rules
 /// file naming the version needed; on a newer one `check` accepts it.

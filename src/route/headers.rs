@@ -122,8 +122,10 @@ struct Template {
     /// The transaction whose `Outbox-Commit-Lsn` `map` holds (`None`: a placeholder).
     commit_lsn: Option<u64>,
     /// The raw values the sticky headers in `map` were made from (`None`: no header,
-    /// the column is NULL or not UTF-8).
-    sticky: [Option<Bytes>; STICKY],
+    /// the column is NULL or not UTF-8). Copies, not `Bytes` slices: a slice would keep
+    /// the whole WAL message it came from in memory (a row of many MB) for as long as
+    /// the value repeats.
+    sticky: [Option<Box<[u8]>>; STICKY],
     has_aggregate_id: bool,
 }
 
@@ -208,7 +210,7 @@ impl HeaderSet {
             }
             if let Some(s) = text(v) {
                 put(&mut t.map, &self.names.sticky[i], s);
-                t.sticky[i] = v.cloned();
+                t.sticky[i] = v.map(|b| Box::from(&b[..]));
             }
         }
         Ok(())
@@ -218,11 +220,11 @@ impl HeaderSet {
     fn template(&self, ev: &OutboxEvent, has_aggregate_id: bool) -> Template {
         let names = &self.names;
         let mut map = HeaderMap::new();
-        let mut sticky: [Option<Bytes>; STICKY] = Default::default();
+        let mut sticky: [Option<Box<[u8]>>; STICKY] = Default::default();
         for ((name, v), kept) in names.sticky.iter().zip(sticky_values(ev)).zip(&mut sticky) {
             if let Some(s) = text(v) {
                 put(&mut map, name, s);
-                *kept = v.cloned();
+                *kept = v.map(|b| Box::from(&b[..]));
             }
         }
         map.insert(names.origin.clone(), self.origin.clone());
