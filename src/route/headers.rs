@@ -197,36 +197,31 @@ impl HeaderSet {
     /// disappears (the template must be rebuilt, see the invariant on [`HeaderSet`]).
     fn update(&self, t: &mut Template, ev: &OutboxEvent) -> Result<(), ()> {
         let values = sticky_values(ev);
-        let changed = |i: usize| t.sticky[i].as_deref() != values[i].map(|b| &b[..]);
         // Raw bytes equal: same header. Only a changed value is checked and written.
-        for (i, v) in values.iter().enumerate() {
-            if changed(i) && text(*v).is_some() != t.sticky[i].is_some() {
-                return Err(());
-            }
+        let changed: [bool; STICKY] =
+            std::array::from_fn(|i| t.sticky[i].as_deref() != values[i].map(|b| &b[..]));
+        if (0..STICKY).any(|i| changed[i] && text(values[i]).is_some() != t.sticky[i].is_some()) {
+            return Err(());
         }
-        for (i, v) in values.into_iter().enumerate() {
-            if t.sticky[i].as_deref() == v.map(|b| &b[..]) {
-                continue;
-            }
-            if let Some(s) = text(v) {
-                put(&mut t.map, &self.names.sticky[i], s);
-                t.sticky[i] = v.map(|b| Box::from(&b[..]));
-            }
+        for i in (0..STICKY).filter(|&i| changed[i]) {
+            self.keep(t, i, values[i]);
         }
         Ok(())
+    }
+
+    /// Writes sticky header `i` from column value `v` into the template (nothing when
+    /// `v` is no header text).
+    fn keep(&self, t: &mut Template, i: usize, v: Option<&Bytes>) {
+        if let Some(s) = text(v) {
+            put(&mut t.map, &self.names.sticky[i], s);
+            t.sticky[i] = Some(Box::from(s.as_bytes()));
+        }
     }
 
     /// A new template for messages shaped like `ev`.
     fn template(&self, ev: &OutboxEvent, has_aggregate_id: bool) -> Template {
         let names = &self.names;
         let mut map = HeaderMap::new();
-        let mut sticky: [Option<Box<[u8]>>; STICKY] = Default::default();
-        for ((name, v), kept) in names.sticky.iter().zip(sticky_values(ev)).zip(&mut sticky) {
-            if let Some(s) = text(v) {
-                put(&mut map, name, s);
-                *kept = v.map(|b| Box::from(&b[..]));
-            }
-        }
         map.insert(names.origin.clone(), self.origin.clone());
         map.insert(names.commit_lsn.clone(), HeaderValue::new());
         // Placeholders, overwritten for every message.
@@ -236,12 +231,16 @@ impl HeaderSet {
         if has_aggregate_id {
             map.insert(names.aggregate_id.clone(), HeaderValue::new());
         }
-        Template {
+        let mut t = Template {
             map,
             commit_lsn: None,
-            sticky,
+            sticky: Default::default(),
             has_aggregate_id,
+        };
+        for (i, v) in sticky_values(ev).into_iter().enumerate() {
+            self.keep(&mut t, i, v);
         }
+        t
     }
 }
 
