@@ -55,6 +55,6 @@ for major in 14 16 17; do
 done
 
 step "docker-compose.yml and Dockerfile: static validation"
-python3 scripts/validate-compose.py target/debug/outbox-relay
+python3 scripts/validate-compose.py "${CARGO_TARGET_DIR:-target}/debug/outbox-relay"
 
 step "all green"
