@@ -121,14 +121,9 @@ async fn nats_cluster_leader_loss_under_load_exactly_once() {
         async move { stream_count(&js, STREAM).await > 3_000 }
     })
     .await;
-    let info = js
-        .get_stream(STREAM)
+    let info = stream_info(&js, STREAM)
         .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+        .expect("the replicated stream");
     let cluster_info = info.cluster.expect("a clustered stream");
     assert_eq!(info.config.num_replicas, 3);
     let leader = cluster_info.leader.expect("a stream leader");
@@ -157,5 +152,7 @@ async fn nats_cluster_leader_loss_under_load_exactly_once() {
         Some(node) => node.start_again(),
         None => env.nats.start_again(),
     }
+    // The restarted node must have caught up before it answers reads of the stream.
+    wait_stream_healthy(&env.js().await, STREAM).await;
     verify_exactly_once(&env).await;
 }

@@ -350,30 +350,93 @@ pub async fn wait_count(js: &jetstream::Context, stream: &str, n: u64) {
     .await;
 }
 
-/// Every message of `stream`, in stream order.
-pub async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
-    let total = stream_count(js, stream).await;
-    let s = js.get_stream(stream).await.expect("stream");
-    let mut out = Vec::with_capacity(total as usize);
-    if total == 0 {
-        return out;
+/// The stream's info once the server answers; `None` only when the stream does not
+/// exist. Any other error (no leader yet, a request timeout on a loaded or electing
+/// cluster) is retried until [`DEADLINE`]: a check must not read "no answer" as "empty".
+pub async fn stream_info(js: &jetstream::Context, stream: &str) -> Option<jetstream::stream::Info> {
+    use jetstream::context::GetStreamErrorKind;
+    let start = Instant::now();
+    loop {
+        let err = match js.get_stream(stream).await {
+            Ok(s) => return Some(s.cached_info().clone()),
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return None;
+            }
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            start.elapsed() < DEADLINE,
+            "stream {stream}: no answer within {DEADLINE:?}: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Every message of `stream`, in stream order.
+///
+/// Reads with an ordered consumer and starts it again after the last sequence read
+/// whenever creating it or reading from it fails: in a cluster that just lost its
+/// stream leader the first attempts time out until a new leader is elected, and a
+/// loaded machine can take longer than the client's request timeout to answer.
+pub async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
+    let Some(info) = stream_info(js, stream).await else {
+        return Vec::new();
+    };
+    let total = info.state.messages;
+    let mut out: Vec<Msg> = Vec::with_capacity(total as usize);
+    let deadline = Instant::now() + DEADLINE;
+    let mut last_error = String::new();
+    while (out.len() as u64) < total {
+        assert!(
+            Instant::now() < deadline,
+            "reading stream {stream}: {} of {total} messages after {DEADLINE:?} (last error: {last_error})",
+            out.len()
+        );
+        let next_seq = out.last().map_or(1, |m| m.seq + 1);
+        if let Err(e) = read_from(js, stream, next_seq, total, &mut out).await {
+            last_error = e;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    out
+}
+
+/// One attempt of [`read_all`]: appends messages from `start_seq` until `total` are
+/// in `out`; an error says why the attempt stopped (the caller tries again).
+async fn read_from(
+    js: &jetstream::Context,
+    stream: &str,
+    start_seq: u64,
+    total: u64,
+    out: &mut Vec<Msg>,
+) -> Result<(), String> {
+    let s = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| format!("get stream: {e}"))?;
     let consumer = s
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_seq,
+            },
             ..Default::default()
         })
         .await
-        .expect("ordered consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let deadline = Instant::now() + DEADLINE;
+        .map_err(|e| format!("ordered consumer: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("messages: {e}"))?;
     while (out.len() as u64) < total {
         let next = tokio::time::timeout(Duration::from_secs(30), messages.next())
             .await
-            .expect("next message in time")
-            .expect("stream of messages open")
-            .expect("message");
-        let info = next.info().expect("message info");
+            .map_err(|_| "no message within 30 s".to_string())?
+            .ok_or("stream of messages closed")?
+            .map_err(|e| format!("message: {e}"))?;
+        let info = next.info().map_err(|e| format!("message info: {e}"))?;
         let (mut headers, mut header_counts) = (HashMap::new(), HashMap::new());
         for (k, v) in next.headers.iter().flat_map(|h| h.iter()) {
             let first = v.first().map(|v| v.to_string()).unwrap_or_default();
@@ -388,9 +451,33 @@ pub async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<Msg> {
             payload: next.payload.to_vec(),
             stored_at_ms: (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
         });
-        assert!(Instant::now() < deadline, "reading stream took too long");
     }
-    out
+    Ok(())
+}
+
+/// Wait until `stream` (replicated) has a leader and every replica is current and
+/// online: right after a node was killed or restarted, reads can time out until then.
+pub async fn wait_stream_healthy(js: &jetstream::Context, stream: &str) {
+    let js = js.clone();
+    wait_for(
+        &format!("stream {stream} to have a leader and current replicas"),
+        DEADLINE,
+        || {
+            let js = js.clone();
+            async move {
+                let Ok(mut s) = js.get_stream(stream).await else {
+                    return false;
+                };
+                let Ok(info) = s.info().await else {
+                    return false;
+                };
+                info.cluster.as_ref().is_none_or(|c| {
+                    c.leader.is_some() && c.replicas.iter().all(|r| r.current && !r.offline)
+                })
+            }
+        },
+    )
+    .await;
 }
 
 /// Wait until `stream` holds `n` messages and read them all.

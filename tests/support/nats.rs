@@ -164,8 +164,13 @@ impl Nats {
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
     }
 
+    /// A JetStream context whose requests wait up to 20 s (the client's default is
+    /// 5 s): a check on a loaded machine or an electing cluster must not fail on a
+    /// slow answer. Pollers (`wait_for`) are cut off by their own deadline anyway.
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
-        async_nats::jetstream::new(self.client().await)
+        let mut js = async_nats::jetstream::new(self.client().await);
+        js.set_timeout(std::time::Duration::from_secs(20));
+        js
     }
 
     /// SIGTERM, wait for exit (SIGKILL after 10s), wait until the port is free.
