@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::monitor::{Delivered, Monitor};
 use crate::progress::Tracker;
+use crate::resume;
 use crate::route::{Envelope, FallbackRole, Router, Template};
 use crate::sink::streams::StreamIndex;
 use crate::sink::{self, Sink};
@@ -34,6 +35,8 @@ pub struct RunOptions {
     /// and the checkpoint stay where they are): measures the pipeline without NATS
     /// publishing, and cannot lose events if run by mistake.
     pub null_sink: bool,
+    /// `run --accept-slot-gap`: see [`crate::resume::Facts::accept_gap`].
+    pub accept_slot_gap: bool,
 }
 
 /// Run the relay until `shutdown` becomes true or a fatal error occurs.
@@ -69,6 +72,7 @@ pub async fn run(
         let started = Instant::now();
         let mut session = Session {
             null_sink: opts.null_sink,
+            accept_slot_gap: opts.accept_slot_gap,
             notes_logged: started_once,
             commits: Default::default(),
             delivered: delivered.clone(),
@@ -163,6 +167,7 @@ fn new_backoff() -> backon::ExponentialBackoff {
 
 struct Session<'a> {
     null_sink: bool,
+    accept_slot_gap: bool,
     notes_logged: bool,
     /// Commit end LSN and time of transactions read but not yet confirmed (retention
     /// must not prune rows of undelivered transactions).
@@ -187,6 +192,9 @@ struct State {
     /// Logged once per session, when the backlog it started with is delivered (not
     /// after every later event: one line per state change, not per event).
     caught_up: bool,
+    checkpoint: Checkpoint,
+    /// What earlier sessions stored after the resume position: the proof behind skips.
+    reconciler: Reconciler,
 }
 
 /// The reason `env` cannot be published when it is larger than `max_payload`: payload
@@ -252,8 +260,27 @@ pub fn tenant_of(env: &Envelope) -> &str {
         .map_or("", |v| v.as_str())
 }
 
+/// Everything a session holds once both ends are open.
+struct Opened {
+    stream: Stream,
+    sink: Sink,
+    nats: async_nats::Client,
+    st: State,
+}
+
 impl Session<'_> {
+    /// Open both ends, stream until shutdown or an error, then drain. Each phase is
+    /// its own function: [`Session::open`], [`Session::stream`], [`Session::drain`].
     async fn run(&mut self) -> Result<()> {
+        let mut o = self.open().await?;
+        let outcome = self.stream(&mut o).await;
+        self.drain(o, outcome).await
+    }
+
+    /// Connect to PostgreSQL and NATS, check that the checkpoint belongs to this server
+    /// and this slot, read back what earlier sessions stored after it, and start the
+    /// replication stream there.
+    async fn open(&mut self) -> Result<Opened> {
         let cfg = self.cfg;
         let origin = origin(cfg)?;
         let sql = admin::connect(cfg).await?;
@@ -270,10 +297,9 @@ impl Session<'_> {
         let denials = Arc::new(sink::Denials::default());
         let nats = sink::connect_with(cfg, denials.clone()).await?;
         let max_payload = nats.server_info().max_payload;
-        let nats_client = nats.clone();
-        let js = sink::jetstream(nats, cfg);
+        let js = sink::jetstream(nats.clone(), cfg);
         let max_delay = self.router.max_delay_seconds();
-        let version = &nats_client.server_info().version;
+        let version = &nats.server_info().version;
         if max_delay > 0 && !sink::schedule::supported(version) {
             return Err(sink::schedule::unsupported(version, max_delay));
         }
@@ -282,25 +308,31 @@ impl Session<'_> {
         let mut checkpoint =
             Checkpoint::open(&js, &cfg.checkpoint.bucket, &origin, replicas).await?;
         let slot = &cfg.postgres.slot;
-        let known = checkpoint.saved().max(*self.confirmed);
-        if admin::slot_info(&sql, slot).await?.is_none() && known > 0 {
-            // Never recreate silently: a new slot starts at the current WAL position,
-            // and everything committed since the old one vanished would be skipped.
-            return Err(Error::fatal(format!(
-                "replication slot {slot} is missing, but this relay had delivered up to {}: \
-                 events committed after that may be lost",
-                crate::route::format_lsn(known)
-            ))
-            .hint(format!(
-                "find out who dropped the slot; recover the gap from the outbox table (rows after the \
-                 checkpoint), then delete checkpoint key position.* from KV bucket {} and restart",
-                cfg.checkpoint.bucket
-            )));
+        let identity = Stream::identify(cfg, checkpoint.record().timeline).await?;
+        let slot_info = admin::slot_info(&sql, slot).await?;
+        let plan = resume::plan(&resume::Facts {
+            checkpoint: checkpoint.record(),
+            confirmed: *self.confirmed,
+            server: &identity,
+            slot_confirmed: slot_info.as_ref().map(|s| {
+                s.confirmed_flush_lsn
+                    .as_deref()
+                    .and_then(crate::checkpoint::parse_lsn)
+            }),
+            accept_gap: self.accept_slot_gap,
+            slot,
+            bucket: &cfg.checkpoint.bucket,
+        })?;
+        for warning in &plan.warnings {
+            tracing::warn!("{warning}");
+        }
+        if plan.gap_accepted {
+            self.health.slot_gaps_accepted.inc();
         }
         let current = admin::current_wal_lsn(&sql).await?;
-        if checkpoint.saved() > current {
-            // Positions are per server: this database never wrote up to the checkpoint.
-            // Resuming there would skip every event committed below it.
+        if checkpoint.record().legacy && checkpoint.saved() > current {
+            // An unbound position ahead of this server's WAL: it belongs to another
+            // cluster. (A bound one was checked by system identifier above.)
             return Err(Error::fatal(format!(
                 "checkpoint {} is ahead of this server's WAL ({}): the checkpoint belongs to \
                  another database with the same name and slot, or this one was restored from a backup",
@@ -316,14 +348,41 @@ impl Session<'_> {
         if admin::ensure_slot(&sql, slot).await? {
             tracing::info!(slot = %slot, "replication slot created");
         }
-        let mut reconciler = Reconciler::load(&js, &origin).await?;
-        let mut sink = Sink::new(js.clone(), cfg, self.health.clone(), &origin)
+        // Nothing known yet (a first start): the slot's own position is where
+        // streaming starts, and where the read-back of the streams stops.
+        let start = match plan.start {
+            0 => admin::slot_info(&sql, slot)
+                .await?
+                .and_then(|s| s.confirmed_flush_lsn)
+                .and_then(|l| crate::checkpoint::parse_lsn(&l))
+                .unwrap_or(0),
+            known => known,
+        };
+        // The checkpoint is at least where streaming starts, and bound to this server:
+        // PostgreSQL's first status feedback carries the start position, and a slot
+        // must never stand after the checkpoint (the gap check relies on it).
+        checkpoint
+            .rebind(&identity.system_id, identity.timeline, start)
+            .await?;
+        let mut index = StreamIndex::load(&js).await?;
+        let mut readback: std::collections::BTreeSet<String> = checkpoint.record().streams.clone();
+        readback.extend(cfg.streams.iter().map(|s| s.name.clone()));
+        let dlq = format!("{}.>", cfg.routing.dead_letter_prefix);
+        readback.extend(
+            index
+                .filters()
+                .iter()
+                .filter(|(f, _)| crate::sink::streams::patterns_overlap(f, &dlq))
+                .map(|(_, s)| s.clone()),
+        );
+        for name in &readback {
+            checkpoint.note_stream(name).await?;
+        }
+        let reconciler = Reconciler::load(&js, readback, &origin, start).await?;
+        let sink = Sink::new(js.clone(), cfg, self.health.clone(), &origin)
             .await?
             .with_denials(denials);
-        // Resume from the later of what PostgreSQL and the checkpoint know; the server
-        // itself never goes below the slot's confirmed position.
-        let start = known;
-        let mut stream = Stream::open(cfg, start).await?;
+        let stream = Stream::open(cfg, start).await?;
         drop(sql);
         self.health.set_connected(true, true);
         if self.health.is_standby() {
@@ -336,19 +395,32 @@ impl Session<'_> {
             slot = %slot,
             resume_from = %crate::route::format_lsn(start),
             checkpoint = %crate::route::format_lsn(checkpoint.saved()),
-            stream_marks = reconciler.marks().len(),
+            timeline = identity.timeline,
+            stored_after_resume = reconciler.len(),
             "streaming"
         );
-
+        index.refresh_if_older(&js, Duration::from_secs(5)).await?;
         let (schema, table) = cfg.outbox.qualified();
-        let mut st = State {
-            relations: RelationCache::new(&schema, &table, cfg.outbox.columns.clone()),
-            tracker: Tracker::new(),
-            tx: None,
-            max_payload,
-            index: StreamIndex::load(&js).await?,
-            caught_up: false,
-        };
+        Ok(Opened {
+            stream,
+            sink,
+            nats,
+            st: State {
+                relations: RelationCache::new(&schema, &table, cfg.outbox.columns.clone()),
+                tracker: Tracker::new(),
+                tx: None,
+                max_payload,
+                index,
+                caught_up: false,
+                checkpoint,
+                reconciler,
+            },
+        })
+    }
+
+    /// The streaming loop: read, route, publish, collect PubAcks, confirm.
+    async fn stream(&mut self, o: &mut Opened) -> Result<()> {
+        let cfg = self.cfg;
         let max_in_flight = cfg.nats.max_in_flight;
         let mut shutdown = self.shutdown.clone();
         let mut save_timer = tokio::time::interval(cfg.checkpoint.interval);
@@ -357,80 +429,102 @@ impl Session<'_> {
         // comes back: see `sink::connect`) would go unnoticed without a look.
         let mut liveness = tokio::time::interval(Duration::from_secs(1));
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-        let outcome: Result<()> = loop {
+        let Opened {
+            stream,
+            sink,
+            nats,
+            st,
+        } = o;
+        loop {
             let can_read = st.tracker.in_flight() < max_in_flight
                 && sink.in_flight_bytes() < cfg.nats.max_in_flight_bytes;
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|s| *s) => break Ok(()),
-                e = self.monitor.fatal() => break Err(e),
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                e = self.monitor.fatal() => return Err(e),
                 ack = sink.next_ack(), if sink.in_flight() > 0 => {
                     match ack {
                         Some(Ok(ticket)) => st.tracker.ack(ticket),
-                        Some(Err(e)) => break Err(e),
+                        Some(Err(e)) => return Err(e),
                         None => {}
                     }
                 }
                 _ = liveness.tick() => {
-                    if nats_client.connection_state() != async_nats::connection::State::Connected {
-                        break Err(Error::transient(format!(
+                    if nats.connection_state() != async_nats::connection::State::Connected {
+                        return Err(Error::transient(format!(
                             "lost the connection to nats at {}", cfg.nats.url.redacted()
                         ))
                         .hint("check that nats-server is running and reachable at nats.url; the relay reconnects with backoff"));
                     }
                 }
                 _ = save_timer.tick() => {
-                    if let Err(e) = checkpoint.save(*self.confirmed).await {
-                        break Err(e);
-                    }
-                    self.health.checkpoint_lsn.set(checkpoint.saved() as i64);
+                    self.save_checkpoint(st, stream).await?;
                 }
                 ev = stream.recv(), if can_read => {
                     let ev = match ev {
                         Ok(Some(ev)) => ev,
-                        Ok(None) => break Err(Error::transient("replication stream ended by the server")),
-                        Err(e) => break Err(e),
+                        Ok(None) => return Err(Error::transient("replication stream ended by the server")),
+                        Err(e) => return Err(e),
                     };
-                    if let Err(e) = self.handle(ev, &mut st, &mut reconciler, &mut sink, &stream).await {
-                        break Err(e);
-                    }
+                    self.handle(ev, st, sink).await?;
                 }
             }
             if let Some(lsn) = st.tracker.take_safe() {
-                self.confirm(&stream, lsn);
+                self.confirm(lsn);
             }
             self.health.in_flight.set(st.tracker.in_flight() as i64);
-        };
+        }
+    }
 
-        // Stop reading; deliver what is in flight so the final position is as far as it
-        // can honestly be; persist it; tell PostgreSQL; close.
+    /// Persist the delivered position, then (only then) let PostgreSQL move the slot
+    /// there: the slot never stands after the checkpoint (see [`crate::checkpoint`]).
+    async fn save_checkpoint(&mut self, st: &mut State, stream: &Stream) -> Result<()> {
+        st.checkpoint.save(*self.confirmed).await?;
+        let saved = st.checkpoint.saved();
+        self.health.checkpoint_lsn.set(saved as i64);
+        if !self.null_sink && saved > 0 {
+            stream.confirm(saved);
+        }
+        Ok(())
+    }
+
+    /// Stop reading; deliver what is in flight so the final position is as far as it
+    /// can honestly be; persist it; tell PostgreSQL; close.
+    async fn drain(&mut self, o: Opened, outcome: Result<()>) -> Result<()> {
+        let cfg = self.cfg;
+        let Opened {
+            stream,
+            mut sink,
+            mut st,
+            ..
+        } = o;
+        if outcome.is_err() {
+            // Keep what is already safe, even on the way out of a failed session.
+            let _ = st.checkpoint.save(*self.confirmed).await;
+            return outcome;
+        }
         let drain_deadline =
             tokio::time::Instant::now() + cfg.nats.ack_timeout + Duration::from_secs(1);
-        if outcome.is_ok() {
-            while sink.in_flight() > 0 {
-                match tokio::time::timeout_at(drain_deadline, sink.next_ack()).await {
-                    Ok(Some(Ok(t))) => st.tracker.ack(t),
-                    _ => break,
-                }
+        while sink.in_flight() > 0 {
+            match tokio::time::timeout_at(drain_deadline, sink.next_ack()).await {
+                Ok(Some(Ok(t))) => st.tracker.ack(t),
+                _ => break,
             }
-            if let Some(lsn) = st.tracker.take_safe() {
-                self.confirm(&stream, lsn);
-            }
-            if let Err(e) = checkpoint.save(*self.confirmed).await {
-                tracing::warn!(error = %e, "saving the final checkpoint");
-            }
-            let final_lsn = (*self.confirmed > 0).then_some(*self.confirmed);
-            let wait = cfg.postgres.status_interval + Duration::from_secs(2);
-            if let Err(e) = stream.close(final_lsn, wait).await {
-                tracing::warn!(error = %e, "closing the replication stream");
-            }
-            tracing::info!(confirmed = %crate::route::format_lsn(*self.confirmed), "stopped");
-        } else {
-            // Keep what is already safe, even on the way out of a failed session.
-            let _ = checkpoint.save(*self.confirmed).await;
         }
-        outcome
+        if let Some(lsn) = st.tracker.take_safe() {
+            self.confirm(lsn);
+        }
+        if let Err(e) = self.save_checkpoint(&mut st, &stream).await {
+            tracing::warn!(error = %e, "saving the final checkpoint");
+        }
+        let saved = st.checkpoint.saved();
+        let final_lsn = (saved > 0 && !self.null_sink).then_some(saved);
+        let wait = cfg.postgres.status_interval + Duration::from_secs(2);
+        if let Err(e) = stream.close(final_lsn, wait).await {
+            tracing::warn!(error = %e, "closing the replication stream");
+        }
+        tracing::info!(confirmed = %crate::route::format_lsn(saved), "stopped");
+        Ok(())
     }
 
     /// The stream `env` will be stored in. A subject no stream captures is turned into a
@@ -507,7 +601,9 @@ impl Session<'_> {
         ))
     }
 
-    fn confirm(&mut self, stream: &Stream, lsn: u64) {
+    /// Everything up to `lsn` is delivered. PostgreSQL hears of it once the checkpoint
+    /// holding it is saved ([`Session::save_checkpoint`]).
+    fn confirm(&mut self, lsn: u64) {
         if self.null_sink {
             return;
         }
@@ -526,19 +622,11 @@ impl Session<'_> {
         }
         if lsn > *self.confirmed {
             *self.confirmed = lsn;
-            stream.confirm(lsn);
             self.health.confirmed(lsn);
         }
     }
 
-    async fn handle(
-        &mut self,
-        ev: Event,
-        st: &mut State,
-        reconciler: &mut Reconciler,
-        sink: &mut Sink,
-        stream: &Stream,
-    ) -> Result<()> {
+    async fn handle(&mut self, ev: Event, st: &mut State, sink: &mut Sink) -> Result<()> {
         match ev {
             Event::Begin {
                 final_lsn,
@@ -565,7 +653,7 @@ impl Session<'_> {
                 // Nothing open, nothing in flight: everything before wal_end was seen and
                 // delivered, so an idle outbox never pins WAL.
                 if st.tx.is_none() && st.tracker.is_idle() {
-                    self.confirm(stream, wal_end.as_u64());
+                    self.confirm(wal_end.as_u64());
                     if !st.caught_up {
                         st.caught_up = true;
                         tracing::info!(confirmed = %crate::route::format_lsn(*self.confirmed), "caught up: everything read is delivered");
@@ -578,7 +666,7 @@ impl Session<'_> {
                     .tx
                     .as_ref()
                     .map_or_else(tracing::Span::none, |t| t.span.clone());
-                self.handle_message(decode::parse(&data), st, reconciler, sink)
+                self.handle_message(decode::parse(&data), st, sink)
                     .instrument(span)
                     .await?;
             }
@@ -613,7 +701,7 @@ impl Session<'_> {
                     .tx
                     .as_ref()
                     .map_or_else(tracing::Span::none, |t| t.span.clone());
-                self.publish_event(&event, refused, st, reconciler, sink)
+                self.publish_event(&event, refused, st, sink)
                     .instrument(span)
                     .await?;
             }
@@ -629,7 +717,6 @@ impl Session<'_> {
         event: &decode::OutboxEvent,
         refused: Option<String>,
         st: &mut State,
-        reconciler: &mut Reconciler,
         sink: &mut Sink,
     ) -> Result<()> {
         let Some(open) = st.tx.as_mut() else {
@@ -664,12 +751,21 @@ impl Session<'_> {
         }
         for env in envs {
             let ticket = st.tracker.push_message();
-            if reconciler.already_stored(Some(&env.stream), env.pos) {
+            // Proof, not inference: this exact message was read back from a stream.
+            let msg_id = env.headers.get(crate::route::headers::MSG_ID);
+            if st
+                .reconciler
+                .already_stored(env.pos, msg_id.map(|v| v.as_str()))
+            {
                 st.tracker.ack(ticket);
                 self.health.skipped_replays.inc();
                 continue;
             }
-            reconciler.passed(env.pos);
+            st.reconciler.passed(env.pos);
+            if !self.null_sink && !st.checkpoint.knows(&env.stream) {
+                // Listed before the first publish to it: a later session reads it back.
+                st.checkpoint.note_stream(&env.stream).await?;
+            }
             if self.null_sink {
                 st.tracker.ack(ticket);
                 self.health
@@ -753,7 +849,6 @@ impl Session<'_> {
         &mut self,
         msg: std::result::Result<PgMessage, decode::DecodeError>,
         st: &mut State,
-        reconciler: &mut Reconciler,
         sink: &mut Sink,
     ) -> Result<()> {
         match msg {
@@ -767,13 +862,25 @@ impl Session<'_> {
                                 .hint("fix [outbox.columns] or the table, then restart; the row is not skipped"));
                     }
                 };
-                let event = mapping.event(&tuple).map_err(|e| {
-                    Error::fatal(format!("outbox row: {e}")).hint(
-                        "fix [outbox.columns] or the table, then restart; the row is not skipped",
-                    )
-                })?;
-                self.publish_event(&event, None, st, reconciler, sink)
-                    .await?;
+                let (event, refused) = match mapping.event(&tuple) {
+                    Ok(event) => (event, None),
+                    // The row is in the WAL and cannot be fixed any more: stopping on it
+                    // would stop every event after it. It goes to the dead letters.
+                    Err(e) if e.is_row_problem() => {
+                        let (commit_lsn, index) =
+                            st.tx.as_ref().map_or((0, 0), |t| (t.commit_lsn, t.index));
+                        (
+                            mapping.unmappable_event(&tuple, commit_lsn, index),
+                            Some(format!("outbox row: {e}")),
+                        )
+                    }
+                    Err(e) => {
+                        return Err(Error::fatal(format!("outbox row: {e}")).hint(
+                            "fix [outbox.columns] or the table, then restart; the row is not skipped",
+                        ));
+                    }
+                };
+                self.publish_event(&event, refused, st, sink).await?;
             }
             Ok(PgMessage::Truncate { .. }) => {
                 tracing::warn!("truncate seen on the publication: truncates publish no events");

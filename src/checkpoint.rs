@@ -1,4 +1,4 @@
-//! Exactly-once resume: the persisted position and stream-tail reconciliation.
+//! Exactly-once resume: the persisted position and the proof of what is stored.
 //!
 //! Why both, and why in NATS:
 //! - The slot's `confirmed_flush_lsn` is not enough. PostgreSQL persists it only at
@@ -9,19 +9,25 @@
 //!   (2 minutes by default). A relay down for longer would publish duplicates.
 //!
 //! So the relay (1) keeps the last fully acknowledged commit position in a JetStream KV
-//! bucket — next to the data it describes, replicated and persisted like the streams, so
-//! it cannot be ahead of or behind them by a lost database write — and resumes from the
-//! later of it and the slot; and (2) at every session start reads, from each stream, the
-//! last message this source published (`Outbox-Origin`) and its position
-//! (`Outbox-Commit-Lsn`, `Outbox-Tx-Index`). A replayed message whose position is at or
-//! below its stream's mark is already stored: it is skipped, whatever the dedup window.
+//! bucket ([`Checkpoint`]) — next to the data it describes, replicated and persisted
+//! like the streams — bound to the PostgreSQL cluster (system identifier) and timeline
+//! it was read on, with the names of every stream it ever published to; and (2) at
+//! every session start reads those streams back from their end down to the resume
+//! position ([`Reconciler`]), collecting the exact messages (position *and*
+//! `Nats-Msg-Id`) this source stored there after it.
 //!
-//! Architecture invariant: messages of one source reach one stream in position order
-//! (the pipeline never reorders within a stream, and a NATS connection never resumes
-//! after a disconnect: see [`crate::sink::connect`]), so "at or below the last stored
-//! position" means "stored".
+//! Architecture invariant (the proof behind every skip): a replayed message is treated
+//! as already stored only when a message with its position and its `Nats-Msg-Id`, from
+//! this origin, was read back from a stream (the target, the dead-letter stream, or a
+//! schedule's generated message). Nothing is inferred from a later message: the server
+//! may have stored message N+1 after refusing message N.
+//!
+//! Second invariant (what makes a recreated slot visible): PostgreSQL is told a position
+//! only after the checkpoint holding it was saved (see `app`), so a slot this relay
+//! advanced never stands after the checkpoint. A slot that does was created or moved by
+//! someone else after the relay stopped: everything committed in between was never read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 
 use async_nats::jetstream::{self, kv};
@@ -33,20 +39,75 @@ use crate::error::{Error, Result};
 use crate::route::Position;
 use crate::route::headers;
 
-/// How many messages of other publishers to look past, from a stream's end, for this
-/// source's last message. Messages a schedule generated from this source's definitions
-/// and deleted sequence numbers (the definitions themselves, once fired) do not count:
-/// they pile up at the end while the relay is down, when reconciliation matters most.
-const SCAN_BACK: u64 = 512;
+/// Upper bound on the reads of one stream's scan. Messages of other publishers, deleted
+/// sequence numbers (fired schedule definitions) and this source's messages above the
+/// resume position all count. Beyond it nothing more is proven: replays not found are
+/// published again (a possible duplicate beyond the dedup window, never a loss).
+const MAX_SCAN_READS: u64 = 262_144;
 
-/// Upper bound on the reads of one stream's scan, whatever they find.
-const MAX_SCAN_READS: u64 = 65_536;
+/// Reads in flight while scanning a stream back (direct gets are independent requests).
+const SCAN_CONCURRENCY: usize = 64;
+
+/// Reads per step of the scan (fetched concurrently, examined newest first).
+const SCAN_CHUNK: u64 = 512;
+
+/// What the checkpoint key holds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    /// Commit end LSN up to which everything is delivered (`X/X` text in the key).
+    #[serde(with = "lsn_text")]
+    pub lsn: u64,
+    /// `IDENTIFY_SYSTEM`'s system identifier of the cluster the position belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_id: Option<String>,
+    /// The timeline the position was read on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    /// Every stream this source published to: the streams reconciliation reads.
+    #[serde(default)]
+    pub streams: BTreeSet<String>,
+    /// Written by a relay before positions were bound to a server (a bare `X/X`): no
+    /// stream list, and the slot may legitimately stand after it.
+    #[serde(skip)]
+    pub legacy: bool,
+}
+
+mod lsn_text {
+    pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::route::format_lsn(*v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        super::parse_lsn(&text).ok_or_else(|| serde::de::Error::custom("not an LSN"))
+    }
+}
+
+impl Record {
+    /// The key's value: JSON, or the bare `X/X` an older relay wrote.
+    pub fn parse(v: &[u8]) -> Option<Record> {
+        if let Ok(r) = serde_json::from_slice::<Record>(v) {
+            return Some(r);
+        }
+        let lsn = std::str::from_utf8(v).ok().and_then(parse_lsn)?;
+        Some(Record {
+            lsn,
+            legacy: true,
+            ..Record::default()
+        })
+    }
+
+    fn encode(&self) -> Result<Bytes> {
+        serde_json::to_vec(self)
+            .map(Bytes::from)
+            .map_err(|e| Error::fatal(format!("encode checkpoint: {e}")))
+    }
+}
 
 /// The persisted position in a KV bucket.
 pub struct Checkpoint {
     store: kv::Store,
     key: String,
-    saved: u64,
+    record: Record,
 }
 
 impl Checkpoint {
@@ -87,51 +148,93 @@ impl Checkpoint {
             }
         };
         let key = key_for(origin);
-        let saved = match store.get(&key).await {
-            Ok(Some(v)) => parse(&v).ok_or_else(|| {
+        let record = match store.get(&key).await {
+            Ok(Some(v)) => Record::parse(&v).ok_or_else(|| {
                 Error::fatal(format!(
                     "checkpoint {bucket}/{key} holds {:?}, not a position",
                     String::from_utf8_lossy(&v)
                 ))
                 .hint("delete the key (nats kv del) to resume from the slot alone")
             })?,
-            Ok(None) => 0,
+            Ok(None) => Record::default(),
             Err(e) => {
                 return Err(Error::transient(format!(
                     "read checkpoint {bucket}/{key}: {e}"
                 )));
             }
         };
-        Ok(Checkpoint { store, key, saved })
+        Ok(Checkpoint { store, key, record })
     }
 
-    /// Read the saved position without creating anything (for `status`).
-    pub async fn peek(js: &jetstream::Context, bucket: &str, origin: &str) -> Result<Option<u64>> {
+    /// Read the saved record without creating anything (for `status`, `check` and
+    /// `migrate`).
+    pub async fn peek(
+        js: &jetstream::Context,
+        bucket: &str,
+        origin: &str,
+    ) -> Result<Option<Record>> {
         let Ok(store) = js.get_key_value(bucket).await else {
             return Ok(None);
         };
         match store.get(key_for(origin)).await {
-            Ok(v) => Ok(v.as_deref().and_then(parse)),
+            Ok(v) => Ok(v.as_deref().and_then(Record::parse)),
             Err(e) => Err(Error::transient(format!("read checkpoint: {e}"))),
         }
     }
 
     /// The position persisted last; 0 when none.
     pub fn saved(&self) -> u64 {
-        self.saved
+        self.record.lsn
+    }
+
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// From now on the position belongs to this cluster and timeline; `lsn` replaces
+    /// the saved position (it may go back: a fork point after a promotion, or a slot
+    /// gap the operator accepted). Persisted at once.
+    pub async fn rebind(&mut self, system_id: &str, timeline: u32, lsn: u64) -> Result<()> {
+        let mut next = self.record.clone();
+        next.system_id = Some(system_id.to_string());
+        next.timeline = Some(timeline);
+        next.lsn = lsn;
+        next.legacy = false;
+        self.write(next).await
+    }
+
+    /// Is `stream` among the streams this source published to?
+    pub fn knows(&self, stream: &str) -> bool {
+        self.record.streams.contains(stream)
+    }
+
+    /// Add `stream` to the persisted list before anything is published to it, so a
+    /// later session reads it back.
+    pub async fn note_stream(&mut self, stream: &str) -> Result<()> {
+        if self.knows(stream) {
+            return Ok(());
+        }
+        let mut next = self.record.clone();
+        next.streams.insert(stream.to_string());
+        self.write(next).await
     }
 
     /// Persist `lsn` if it is newer.
     pub async fn save(&mut self, lsn: u64) -> Result<()> {
-        if lsn <= self.saved {
+        if lsn <= self.record.lsn {
             return Ok(());
         }
-        let value = Bytes::from(crate::route::format_lsn(lsn));
+        let mut next = self.record.clone();
+        next.lsn = lsn;
+        self.write(next).await
+    }
+
+    async fn write(&mut self, next: Record) -> Result<()> {
         self.store
-            .put(&self.key, value)
+            .put(&self.key, next.encode()?)
             .await
             .map_err(|e| Error::transient(format!("save checkpoint: {e}")))?;
-        self.saved = lsn;
+        self.record = next;
         Ok(())
     }
 }
@@ -164,52 +267,60 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some((hi << 32) | lo)
 }
 
-fn parse(v: &[u8]) -> Option<u64> {
-    std::str::from_utf8(v).ok().and_then(parse_lsn)
-}
-
-/// Per-stream high-water marks of this source, and a subject → stream cache.
+/// The messages this source stored after the resume position, read back from the
+/// streams: the proof behind every skipped replay.
 #[derive(Debug, Default)]
 pub struct Reconciler {
-    marks: HashMap<String, Position>,
-    /// The highest mark: positions above it need no lookup at all.
+    /// Position → the `Nats-Msg-Id` stored there (`None`: a schedule's generated
+    /// message without one).
+    stored: HashMap<Position, Option<Box<str>>>,
+    /// The highest position found: positions above it need no lookup at all.
     max: Option<Position>,
 }
 
 impl Reconciler {
-    /// Read the last message of `origin` from every stream (KV and object-store streams
-    /// excluded).
-    pub async fn load(js: &jetstream::Context, origin: &str) -> Result<Reconciler> {
+    /// Read `streams` back from their end to `resume` (a commit end LSN: messages of
+    /// transactions that end after it may have been stored by an earlier session).
+    /// A stream that does not exist holds nothing; one that cannot be read is an error,
+    /// because a replay into it could not be proven.
+    pub async fn load(
+        js: &jetstream::Context,
+        streams: impl IntoIterator<Item = String>,
+        origin: &str,
+        resume: u64,
+    ) -> Result<Reconciler> {
         let mut r = Reconciler::default();
-        let mut names = js.stream_names();
-        let mut all = Vec::new();
-        while let Some(name) = names.next().await {
-            let name = name.map_err(|e| Error::transient(format!("list streams: {e}")))?;
-            if !name.starts_with("KV_") && !name.starts_with("OBJ_") {
-                all.push(name);
-            }
-        }
-        for name in all {
-            if let Some(pos) = last_position(js, &name, origin).await? {
-                r.marks.insert(name, pos);
-                r.max = r.max.max(Some(pos));
-            }
+        for name in streams {
+            scan_stream(js, &name, origin, resume, &mut r).await?;
         }
         Ok(r)
     }
 
-    /// Built from known marks (tests).
-    pub fn from_marks(marks: impl IntoIterator<Item = (String, Position)>) -> Reconciler {
+    /// Built from known messages (tests).
+    pub fn from_stored(stored: impl IntoIterator<Item = (Position, &'static str)>) -> Reconciler {
         let mut r = Reconciler::default();
-        for (s, p) in marks {
-            r.max = r.max.max(Some(p));
-            r.marks.insert(s, p);
+        for (p, id) in stored {
+            r.insert(p, Some(id.into()));
         }
         r
     }
 
-    pub fn marks(&self) -> &HashMap<String, Position> {
-        &self.marks
+    fn insert(&mut self, pos: Position, id: Option<Box<str>>) {
+        self.max = self.max.max(Some(pos));
+        // A generated message without an id never replaces the definition's id.
+        let entry = self.stored.entry(pos).or_insert(None);
+        if id.is_some() {
+            *entry = id;
+        }
+    }
+
+    /// How many stored messages of the replay zone were found.
+    pub fn len(&self) -> usize {
+        self.stored.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stored.is_empty()
     }
 
     /// Whether any message at `pos` could already be stored (cheap pre-check).
@@ -217,110 +328,146 @@ impl Reconciler {
         self.max.is_some_and(|m| pos <= m)
     }
 
-    /// Is the message at `pos`, bound for `stream`, already stored there?
-    pub fn already_stored(&self, stream: Option<&str>, pos: Position) -> bool {
-        self.may_skip(pos)
-            && stream
-                .and_then(|s| self.marks.get(s))
-                .is_some_and(|mark| pos <= *mark)
+    /// Is this exact message (position and `Nats-Msg-Id`) already stored? Proof, not
+    /// inference: only a message read back at this position with this id counts.
+    pub fn already_stored(&self, pos: Position, msg_id: Option<&str>) -> bool {
+        if !self.may_skip(pos) {
+            return false;
+        }
+        match (self.stored.get(&pos), msg_id) {
+            (Some(Some(stored)), Some(id)) => **stored == *id,
+            // A schedule's generated message at this position, which carries no id of
+            // its own: its definition was published from this position by this origin.
+            (Some(None), _) => true,
+            _ => false,
+        }
     }
 
     /// Forget everything once the replay zone is passed (saves the lookups and memory).
     pub fn passed(&mut self, pos: Position) {
         if !self.may_skip(pos) && self.max.is_some() {
             self.max = None;
-            self.marks.clear();
+            self.stored = HashMap::new();
         }
     }
 }
 
-/// The position of the last message in `stream` published by `origin`.
-async fn last_position(
+/// This source's position in a message's headers, and whether a schedule generated it.
+fn own_position(h: &async_nats::HeaderMap, origin: &str) -> Option<(Position, bool)> {
+    if h.get(headers::ORIGIN).is_none_or(|v| v.as_str() != origin) {
+        return None;
+    }
+    let commit_lsn = parse_lsn(h.get(headers::COMMIT_LSN)?.as_str())?;
+    let index = u32::from_str(h.get(headers::TX_INDEX)?.as_str()).ok()?;
+    let generated = h.get(async_nats::header::NATS_SCHEDULER).is_some();
+    Some((Position { commit_lsn, index }, generated))
+}
+
+/// Scan `stream` from its end: every message of `origin` at or after `resume` goes into
+/// `r`; the scan ends at the first one before it that the relay published itself (a
+/// schedule's generated message is appended when it fires, out of position order, so it
+/// never ends the scan).
+async fn scan_stream(
     js: &jetstream::Context,
-    stream: &str,
+    name: &str,
     origin: &str,
-) -> Result<Option<Position>> {
-    let mut s = match js.get_stream(stream).await {
+    resume: u64,
+    r: &mut Reconciler,
+) -> Result<()> {
+    use jetstream::context::GetStreamErrorKind;
+    let mut s = match js.get_stream(name).await {
         Ok(s) => s,
-        Err(e) => return Err(Error::transient(format!("stream {stream}: {e}"))),
+        Err(e)
+            if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(unreadable(name, &e.to_string())),
     };
     let info = s
         .info()
         .await
-        .map_err(|e| Error::transient(format!("stream {stream}: {e}")))?;
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        .map_err(|e| unreadable(name, &e.to_string()))?;
+    let (first, last) = (info.state.first_sequence.max(1), info.state.last_sequence);
     if info.state.messages == 0 {
-        return Ok(None);
+        return Ok(());
     }
-    let mut tail = TailMark::default();
-    let (mut foreign, mut reads) = (0u64, 0u64);
-    let mut seq = last;
-    while seq >= first.max(1) && foreign < SCAN_BACK && reads < MAX_SCAN_READS {
-        reads += 1;
-        match s.get_raw_message(seq).await {
-            Ok(m) => {
-                let h = &m.headers;
-                let ours = h.get(headers::ORIGIN).is_some_and(|v| v.as_str() == origin);
-                if ours
-                    && let (Some(lsn), Some(idx)) =
-                        (h.get(headers::COMMIT_LSN), h.get(headers::TX_INDEX))
-                    && let (Some(commit_lsn), Ok(index)) =
-                        (parse_lsn(lsn.as_str()), u32::from_str(idx.as_str()))
+    let s = &s;
+    let mut hi = last;
+    let mut reads = 0u64;
+    while hi >= first {
+        let lo = hi.saturating_sub(SCAN_CHUNK - 1).max(first);
+        let mut gets = futures::stream::iter((lo..=hi).rev())
+            .map(|seq| async move { (seq, s.get_raw_message(seq).await) })
+            .buffered(SCAN_CONCURRENCY);
+        while let Some((seq, got)) = gets.next().await {
+            reads += 1;
+            let m = match got {
+                Ok(m) => m,
+                // Deleted or purged (a fired schedule definition leaves one).
+                Err(e)
+                    if e.to_string().contains("not found")
+                        || e.to_string().contains("no message") =>
                 {
-                    let generated = h.get(async_nats::header::NATS_SCHEDULER).is_some();
-                    if let Some(mark) = tail.see(Position { commit_lsn, index }, generated) {
-                        return Ok(Some(mark));
-                    }
-                } else {
-                    foreign += 1;
+                    continue;
                 }
-            }
-            // Deleted or purged message (a fired schedule definition leaves one):
-            // keep looking further back.
-            Err(e)
-                if e.to_string().contains("not found") || e.to_string().contains("no message") => {}
-            Err(e) => {
-                return Err(Error::transient(format!(
-                    "read stream {stream} seq {seq}: {e}"
-                )));
+                Err(e) => {
+                    return Err(unreadable(name, &format!("seq {seq}: {e}")));
+                }
+            };
+            let Some((pos, generated)) = own_position(&m.headers, origin) else {
+                continue;
+            };
+            if pos.commit_lsn >= resume {
+                let id = m.headers.get(headers::MSG_ID).map(|v| v.as_str().into());
+                r.insert(pos, id);
+            } else if !generated {
+                return Ok(());
             }
         }
-        if seq == 0 {
+        if reads >= MAX_SCAN_READS {
+            tracing::warn!(
+                stream = %name,
+                reads,
+                "reconciliation scan budget spent before reaching the resume position: replays not found are published again (duplicates are possible beyond the dedup window, nothing is lost)"
+            );
+            return Ok(());
+        }
+        if lo == first {
             break;
         }
-        seq -= 1;
+        hi = lo - 1;
     }
-    Ok(tail.end())
+    Ok(())
 }
 
-/// This source's mark in one stream, from its messages seen newest first.
-///
-/// A message a schedule generated (`Nats-Scheduler`, see [`crate::sink::schedule`]) was
-/// appended when it fired, after messages the relay published later: its position is
-/// out of the stream's order, so it cannot end the scan. But its definition (deleted on
-/// firing) was stored in order, so the generated message is evidence that its position
-/// is stored. The mark is the newest message the relay published itself, raised by the
-/// generated messages after it.
-#[derive(Debug, Default)]
-struct TailMark {
-    generated: Option<Position>,
-}
-
-impl TailMark {
-    /// See the next older message; the mark once it is known.
-    fn see(&mut self, pos: Position, generated: bool) -> Option<Position> {
-        if generated {
-            self.generated = self.generated.max(Some(pos));
-            None
-        } else {
-            Some(pos.max(self.generated.unwrap_or(pos)))
+/// The position of the newest message `origin` published to `stream`, looking back
+/// over at most 512 messages (for `status`; `None` when not found or unreadable).
+pub async fn last_published(
+    js: &jetstream::Context,
+    stream: &str,
+    origin: &str,
+) -> Option<Position> {
+    let s = js.get_stream(stream).await.ok()?;
+    let last = s.cached_info().state.last_sequence;
+    let first = s.cached_info().state.first_sequence.max(1);
+    for seq in (first.max(last.saturating_sub(511))..=last).rev() {
+        if let Ok(m) = s.get_raw_message(seq).await
+            && let Some((pos, false)) = own_position(&m.headers, origin)
+        {
+            return Some(pos);
         }
     }
+    None
+}
 
-    /// The scan ended without a message published by the relay itself.
-    fn end(self) -> Option<Position> {
-        self.generated
-    }
+fn unreadable(stream: &str, e: &str) -> Error {
+    Error::transient(format!("read back stream {stream}: {e}")).hint(format!(
+        "the relay published to stream {stream} and must read it back to prove what is stored \
+         before replaying: grant its nats user $JS.API.STREAM.INFO.{stream} and \
+         $JS.API.STREAM.MSG.GET.{stream} (docs/security.md), and check the stream is online"
+    ))
 }
 
 #[cfg(test)]
@@ -344,50 +491,64 @@ mod tests {
         assert_eq!(key_for("my db/s"), "position.my_db_s");
     }
 
+    /// Issue 14 (1): the server refused position (100, 3) and stored (100, 4) after it.
+    /// Only the exact messages read back are skipped: never one below a later one.
     #[test]
-    fn skip_only_at_or_below_mark() {
+    fn skip_only_on_proof_of_the_exact_message() {
         let p = |commit_lsn, index| Position { commit_lsn, index };
-        let mut r = Reconciler::from_marks([("A".to_string(), p(100, 3))]);
-        assert!(r.may_skip(p(100, 3)));
-        assert!(r.may_skip(p(50, 9)));
-        assert!(!r.may_skip(p(100, 4)));
-        assert!(!r.may_skip(p(101, 0)));
-        assert!(r.already_stored(Some("A"), p(100, 3)));
-        assert!(!r.already_stored(Some("B"), p(100, 3)));
-        assert!(!r.already_stored(None, p(1, 0)));
-        r.passed(p(100, 2));
-        assert!(r.may_skip(p(100, 3)), "still inside the replay zone");
-        r.passed(p(101, 0));
-        assert!(!r.may_skip(p(1, 0)), "past the zone, nothing is skipped");
-    }
-
-    /// Newest first: `(position, generated by a schedule)`.
-    fn mark_of(tail: &[((u64, u32), bool)]) -> Option<Position> {
-        let mut m = TailMark::default();
-        for &((commit_lsn, index), generated) in tail {
-            if let Some(mark) = m.see(Position { commit_lsn, index }, generated) {
-                return Some(mark);
-            }
-        }
-        m.end()
+        let mut r = Reconciler::from_stored([(p(100, 2), "a"), (p(100, 4), "c")]);
+        assert!(r.already_stored(p(100, 2), Some("a")));
+        assert!(
+            !r.already_stored(p(100, 3), Some("b")),
+            "refused: not stored"
+        );
+        assert!(r.already_stored(p(100, 4), Some("c")));
+        assert!(
+            !r.already_stored(p(100, 4), Some("other")),
+            "another event at the same position (a new timeline) is not proof"
+        );
+        assert!(!r.already_stored(p(100, 4), None));
+        assert!(
+            !r.already_stored(p(50, 0), Some("x")),
+            "below: not read back"
+        );
+        r.passed(p(100, 3));
+        assert!(r.may_skip(p(100, 4)), "still inside the replay zone");
+        r.passed(p(100, 5));
+        assert!(!r.already_stored(p(100, 4), Some("c")), "zone left behind");
+        assert!(r.is_empty());
     }
 
     #[test]
-    fn scheduled_messages_raise_the_mark_but_never_end_the_scan() {
-        let p = |commit_lsn, index| Some(Position { commit_lsn, index });
-        // Plain stream: the newest message.
-        assert_eq!(mark_of(&[((20, 0), false), ((19, 0), false)]), p(20, 0));
-        // A delayed event (10) fired after 11..20 were stored: 20 stays the mark.
-        assert_eq!(mark_of(&[((10, 0), true), ((20, 0), false)]), p(20, 0));
-        // The newest publish was a definition that has fired (deleted): its generated
-        // message is the evidence.
-        assert_eq!(mark_of(&[((30, 1), true), ((30, 0), false)]), p(30, 1));
-        assert_eq!(
-            mark_of(&[((5, 0), true), ((30, 1), true), ((30, 0), false)]),
-            p(30, 1)
-        );
-        // Only generated messages within reach.
-        assert_eq!(mark_of(&[((7, 0), true), ((9, 0), true)]), p(9, 0));
-        assert_eq!(mark_of(&[]), None);
+    fn record_round_trips_and_reads_the_bare_lsn_of_older_relays() {
+        let r = Record {
+            lsn: 0x1_0000_0010,
+            system_id: Some("7312345678901234567".into()),
+            timeline: Some(2),
+            streams: ["DLQ".to_string(), "OUTBOX".to_string()].into(),
+            legacy: false,
+        };
+        let bytes = r.encode().unwrap();
+        assert_eq!(Record::parse(&bytes), Some(r));
+        let old = Record::parse(b"0/16B3748").unwrap();
+        assert_eq!(old.lsn, 0x16B_3748);
+        assert!(old.legacy && old.streams.is_empty() && old.system_id.is_none());
+        assert_eq!(Record::parse(b"garbage"), None);
+    }
+
+    #[test]
+    fn generated_messages_prove_their_position_without_an_id() {
+        let p = Position {
+            commit_lsn: 7,
+            index: 0,
+        };
+        let mut r = Reconciler::default();
+        r.insert(p, None);
+        assert!(r.already_stored(p, Some("id")));
+        // The definition's id, read later in the scan, is kept.
+        r.insert(p, Some("id".into()));
+        r.insert(p, None);
+        assert!(r.already_stored(p, Some("id")));
+        assert!(!r.already_stored(p, Some("other")));
     }
 }

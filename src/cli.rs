@@ -53,6 +53,9 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
                     Some("start nats-server with -js (JetStream enabled)"),
                 ));
             } else {
+                if let Err(e) = slot_guard(cfg, &js).await {
+                    problems.push(problem(&e.message, e.hint.as_deref()));
+                }
                 match sink::streams::StreamIndex::load(&js).await {
                     Ok(index) => {
                         capture_problems(cfg, &index, &mut problems, &mut notes);
@@ -67,6 +70,68 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
         Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
     }
     (problems, notes)
+}
+
+/// Would `run` stream from this slot? The checkpoint against the server (another
+/// cluster?) and the slot (missing after delivery, or started after the checkpoint:
+/// a gap). The same decision `run` makes ([`crate::resume::plan`]).
+pub async fn slot_guard(cfg: &Config, js: &async_nats::jetstream::Context) -> Result<()> {
+    let origin = crate::app::origin(cfg)?;
+    let Some(record) =
+        crate::checkpoint::Checkpoint::peek(js, &cfg.checkpoint.bucket, &origin).await?
+    else {
+        return Ok(());
+    };
+    let server = crate::source::Stream::identify(cfg, record.timeline).await?;
+    let client = admin::connect(cfg).await?;
+    let slot_confirmed = admin::slot_info(&client, &cfg.postgres.slot)
+        .await?
+        .map(|s| {
+            s.confirmed_flush_lsn
+                .as_deref()
+                .and_then(crate::checkpoint::parse_lsn)
+        });
+    crate::resume::plan(&crate::resume::Facts {
+        checkpoint: &record,
+        confirmed: 0,
+        server: &server,
+        slot_confirmed,
+        accept_gap: false,
+        slot: &cfg.postgres.slot,
+        bucket: &cfg.checkpoint.bucket,
+    })
+    .map(|_| ())
+}
+
+/// `migrate` creates the slot only where that skips nothing: never where a checkpoint
+/// says this relay already delivered from a slot that is gone (docker-compose runs
+/// `migrate` on every `up`; a silently recreated slot lost every event committed while
+/// there was none). NATS unreachable: the slot is created, and `run` refuses the gap.
+pub async fn may_create_slot(cfg: &Config) -> Result<()> {
+    let origin = crate::app::origin(cfg)?;
+    let connect = tokio::time::timeout(std::time::Duration::from_secs(5), sink::connect(cfg));
+    let Ok(Ok(client)) = connect.await else {
+        return Ok(());
+    };
+    let js = sink::jetstream(client, cfg);
+    let record = crate::checkpoint::Checkpoint::peek(&js, &cfg.checkpoint.bucket, &origin)
+        .await
+        .ok()
+        .flatten();
+    match record {
+        Some(r) if r.lsn > 0 => Err(crate::error::Error::fatal(format!(
+            "replication slot {} is missing, but this relay had delivered up to {} from it: \
+             creating it now would skip every event committed since; not created",
+            cfg.postgres.slot,
+            crate::route::format_lsn(r.lsn)
+        ))
+        .hint(
+            "find out who dropped the slot; refill the events committed after that position from the \
+             outbox table (docs/operations.md, \"after an incident\"), then start once with \
+             `outbox-relay run --accept-slot-gap`, which creates the slot",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Does a `[[streams]]` entry (created at `run`) capture `subject`?
@@ -236,23 +301,18 @@ pub async fn status(cfg: &Config) -> Result<Status> {
     match sink::connect(cfg).await {
         Ok(client) => {
             let js = sink::jetstream(client, cfg);
+            let mut names: Vec<String> = cfg.streams.iter().map(|s| s.name.clone()).collect();
             match crate::checkpoint::Checkpoint::peek(&js, &cfg.checkpoint.bucket, &st.origin).await
             {
-                Ok(c) => st.checkpoint = c.map(crate::route::format_lsn),
+                Ok(c) => {
+                    st.checkpoint = c.as_ref().map(|r| crate::route::format_lsn(r.lsn));
+                    for n in c.into_iter().flat_map(|r| r.streams) {
+                        if !names.contains(&n) {
+                            names.push(n);
+                        }
+                    }
+                }
                 Err(e) => st.errors.push(e.message),
-            }
-            let marks = match crate::checkpoint::Reconciler::load(&js, &st.origin).await {
-                Ok(r) => r.marks().clone(),
-                Err(e) => {
-                    st.errors.push(e.message);
-                    Default::default()
-                }
-            };
-            let mut names: Vec<String> = cfg.streams.iter().map(|s| s.name.clone()).collect();
-            for n in marks.keys() {
-                if !names.contains(n) {
-                    names.push(n.clone());
-                }
             }
             for subject in [sink::streams::probe_subject(&cfg.routing.subject)] {
                 if let Ok(Some(n)) = sink::streams::stream_for(&js, &subject).await
@@ -265,7 +325,11 @@ pub async fn status(cfg: &Config) -> Result<Status> {
                 match js.get_stream(&name).await {
                     Ok(mut s) => match s.info().await {
                         Ok(info) => st.streams.push(StreamStatus {
-                            last_published: marks.get(&name).map(|p| {
+                            last_published: crate::checkpoint::last_published(
+                                &js, &name, &st.origin,
+                            )
+                            .await
+                            .map(|p| {
                                 format!("{}.{}", crate::route::format_lsn(p.commit_lsn), p.index)
                             }),
                             name,

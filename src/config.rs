@@ -20,6 +20,9 @@ use crate::decode::ColumnMap;
 use crate::error::{Error, Result};
 pub use crate::secret::{Secret, SecretUrl, redact_url};
 
+/// Upper bound of `nats.ack_timeout`.
+pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Upper bound of `nats.max_in_flight`: async-nats buffers 65,536 messages per
 /// subscription, and every PubAck arrives on one (`sink::acks`); more would be dropped.
 pub const MAX_IN_FLIGHT: usize = 65_536;
@@ -508,6 +511,15 @@ impl Config {
         if self.nats.ack_timeout.is_zero() {
             return Err(bad_key("nats.ack_timeout", "must be > 0", "e.g. \"5s\""));
         }
+        // Deadlines are `now + ack_timeout`: an absurd value would overflow the clock,
+        // and no PubAck is worth waiting an hour for (the session replays instead).
+        if self.nats.ack_timeout > MAX_ACK_TIMEOUT {
+            return Err(bad_key(
+                "nats.ack_timeout",
+                "must be at most 1h",
+                "e.g. \"5s\"; a PubAck that does not come within seconds will not come",
+            ));
+        }
         crate::route::Template::parse(&self.routing.subject).map_err(|e| {
             bad_key(
                 "routing.subject",
@@ -881,6 +893,14 @@ listen = "127.0.0.1:9187"
                 .unwrap_err()
                 .message
                 .contains("nats.max_in_flight: must be at most 65536")
+        );
+        let mut cfg = Config::default();
+        cfg.nats.ack_timeout = Duration::from_secs(u64::MAX / 2);
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .message
+                .contains("nats.ack_timeout: must be at most 1h")
         );
         let mut cfg = Config::default();
         cfg.postgres.url = SecretUrl::new("mysql://x");

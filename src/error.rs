@@ -76,6 +76,27 @@ impl std::error::Error for Error {}
 
 /// Classify a tokio-postgres error. Connection-level failures are transient; a server
 /// error with an SQLSTATE is fatal unless its class says the server is going away.
+/// Server answers that pass by themselves: a restart or shutdown in progress, a standby
+/// not yet promoted (a URL pointing at it during a failover), no free connection or
+/// walsender slot, an administrator's terminate. Matched on the words, because the
+/// replication transport does not expose the SQLSTATE.
+pub fn server_busy_or_restarting(lc: &str) -> bool {
+    [
+        "terminating",
+        "shutdown",
+        "shutting down",
+        "starting up",
+        "not yet accepting connections",
+        "recovery",
+        "too many clients",
+        "max_wal_senders",
+        "remaining connection slots are reserved",
+        "too many connections",
+    ]
+    .iter()
+    .any(|w| lc.contains(w))
+}
+
 pub fn from_pg(err: &tokio_postgres::Error) -> Error {
     use tokio_postgres::error::SqlState;
     if let Some(db) = err.as_db_error() {
@@ -88,7 +109,11 @@ pub fn from_pg(err: &tokio_postgres::Error) -> Error {
         let transient = code.code().starts_with("08") // connection exception
             || code.code().starts_with("57") // operator intervention: shutdown, terminate
             || code.code().starts_with("53") // insufficient resources
-            || *code == SqlState::T_R_SERIALIZATION_FAILURE;
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            // 55000 "recovery is in progress": a standby not promoted yet.
+            || (*code == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
+                && db.message().to_lowercase().contains("recovery"))
+            || *code == SqlState::READ_ONLY_SQL_TRANSACTION;
         let e = if transient {
             Error::transient(msg)
         } else {
@@ -134,8 +159,11 @@ pub fn from_repl(err: &pgwire_replication::PgWireError) -> Error {
             return Error::fatal(format!("replication: {text}"))
                 .hint("run `outbox-relay migrate` or create the publication named in postgres.publication");
         }
-        if lc.contains("terminating") || lc.contains("shutdown") || lc.contains("recovery") {
-            return Error::transient(format!("replication: {text}"));
+        if server_busy_or_restarting(&lc) {
+            return Error::transient(format!("replication: {text}")).hint(
+                "postgresql is restarting, promoting or out of connections (max_connections, \
+                 max_wal_senders); the relay retries with backoff",
+            );
         }
         if lc.contains("permission") || lc.contains("must be superuser or replication") {
             return Error::fatal(format!("replication: {text}"))
@@ -210,6 +238,31 @@ mod tests {
             "wal_level is replica\n  hint: set wal_level = logical and restart"
         );
         assert!(!e.is_transient());
+    }
+
+    /// Issue 14's error classes: each of these passes by itself and must not stop the
+    /// relay; a privilege or a missing object must.
+    #[test]
+    fn restarts_and_exhausted_connections_are_transient() {
+        for text in [
+            "fatal: the database system is shutting down",
+            "fatal: the database system is starting up",
+            "fatal: the database system is not yet accepting connections",
+            "fatal: sorry, too many clients already",
+            "fatal: number of requested standby connections exceeds max_wal_senders (currently 1)",
+            "error: recovery is in progress",
+            "fatal: terminating connection due to administrator command",
+            "fatal: remaining connection slots are reserved for roles with the superuser attribute",
+        ] {
+            assert!(server_busy_or_restarting(text), "{text}");
+        }
+        for text in [
+            "error: permission denied to start WAL sender",
+            "error: replication slot \"x\" does not exist",
+            "error: publication \"p\" does not exist",
+        ] {
+            assert!(!server_busy_or_restarting(&text.to_lowercase()), "{text}");
+        }
     }
 
     #[test]

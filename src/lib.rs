@@ -12,8 +12,10 @@
 //! - [`route`]: pure routing: subject template, rules file, `destination_topics`, headers.
 //! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.
 //! - [`progress`]: in-order ack tracker → the position safe to confirm.
-//! - [`checkpoint`]: persisted position (NATS KV) and stream-tail reconciliation for
-//!   exactly-once resume beyond the dedup window.
+//! - [`checkpoint`]: persisted position (NATS KV), bound to the server, and the
+//!   read-back of the streams that proves which replays are already stored.
+//! - [`resume`]: where a session resumes: refuses other clusters and slot gaps, and
+//!   handles promotions (pure).
 //! - [`app`]: the supervisor loop and one streaming session (wires the above).
 //! - [`cli`]: `check` and `status` reports.
 //! - [`monitor`]: SQL-side watch beside a session: slot lag and the lag guard, lost
@@ -33,6 +35,7 @@ pub mod http;
 pub mod metrics;
 pub mod monitor;
 pub mod progress;
+pub mod resume;
 pub mod route;
 pub mod secret;
 pub mod sink;

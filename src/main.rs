@@ -30,6 +30,11 @@ enum Command {
         /// Decode and route only: publish nothing, confirm nothing (benchmarking).
         #[arg(long)]
         null_sink: bool,
+        /// Stream from a slot that starts after this relay's checkpoint (it was dropped
+        /// and recreated): the events committed in between are given up on here, to be
+        /// refilled from the outbox table. Logged and counted; applies to this gap only.
+        #[arg(long)]
+        accept_slot_gap: bool,
     },
     /// Create the outbox table, its indexes and the publication (idempotent).
     Migrate,
@@ -67,7 +72,16 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match args.command {
-            Command::Run { null_sink } => run(cfg, app::RunOptions { null_sink }).await,
+            Command::Run {
+                null_sink,
+                accept_slot_gap,
+            } => {
+                let opts = app::RunOptions {
+                    null_sink,
+                    accept_slot_gap,
+                };
+                run(cfg, opts).await
+            }
             Command::Migrate => migrate(cfg).await,
             Command::Check => check(cfg).await,
             Command::Status { json } => status(cfg, json).await,
@@ -167,6 +181,13 @@ async fn migrate(cfg: Config) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    let slot_missing = matches!(
+        admin::slot_info(&client, &cfg.postgres.slot).await,
+        Ok(None)
+    );
+    if slot_missing && let Err(e) = cli::may_create_slot(&cfg).await {
+        return fail(&e);
+    }
     match admin::migrate(&mut client, &cfg).await {
         Ok(done) => {
             for line in done {

@@ -41,6 +41,8 @@ pub struct Health {
     pub publish_errors: Family<KindLabels, Counter>,
     pub dead_lettered: Family<KindLabels, Counter>,
     pub skipped_replays: Counter,
+    /// Slot gaps the operator accepted with `run --accept-slot-gap`.
+    pub slot_gaps_accepted: Counter,
     pub transactions: Counter,
     pub bytes_decoded: Counter,
     pub reconnects: Counter,
@@ -68,6 +70,9 @@ pub struct Health {
     last_ack_ms: AtomicU64,
     /// When both ends were last connected: the stall clock starts there.
     connected_ms: AtomicU64,
+    /// When the process started: before its first connection, the stall clock starts
+    /// here (not at the epoch: a start after downtime is not a 57-year stall).
+    started_ms: u64,
     /// `monitor.stall_after` in ms; 0 = never stalled.
     stall_after_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -97,6 +102,7 @@ impl Health {
         let publish_errors = Family::<KindLabels, Counter>::default();
         let dead_lettered = Family::<KindLabels, Counter>::default();
         let skipped_replays = Counter::default();
+        let slot_gaps_accepted = Counter::default();
         let transactions = Counter::default();
         let bytes_decoded = Counter::default();
         let reconnects = Counter::default();
@@ -129,8 +135,13 @@ impl Health {
         );
         registry.register(
             "replays_skipped",
-            "Replayed messages found already stored in their stream",
+            "Replayed messages found already stored (same position and Nats-Msg-Id read back)",
             skipped_replays.clone(),
+        );
+        registry.register(
+            "slot_gaps_accepted",
+            "Slots that started after the checkpoint, streamed from with run --accept-slot-gap",
+            slot_gaps_accepted.clone(),
         );
         registry.register(
             "transactions",
@@ -208,6 +219,7 @@ impl Health {
             publish_errors,
             dead_lettered,
             skipped_replays,
+            slot_gaps_accepted,
             transactions,
             bytes_decoded,
             reconnects,
@@ -230,6 +242,7 @@ impl Health {
             last_confirm_ms: AtomicU64::new(0),
             last_ack_ms: AtomicU64::new(0),
             connected_ms: AtomicU64::new(0),
+            started_ms: now_ms(),
             stall_after_ms: AtomicU64::new(0),
             last_error: Mutex::new(None),
             last_error_seen: Mutex::new(None),
@@ -299,7 +312,8 @@ impl Health {
         .iter()
         .map(|a| a.load(Relaxed))
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .max(self.started_ms);
         let idle = now_ms().saturating_sub(progress);
         (idle > after).then(|| {
             format!(

@@ -192,6 +192,48 @@ impl RowMapping {
     }
 }
 
+impl RowMapping {
+    /// A row [`RowMapping::event`] refused for what the row holds (a NULL required
+    /// column, a value that is not UTF-8, an unchanged-toast placeholder), as an event
+    /// to dead-letter: the row is already in the WAL, so stopping on it would stop
+    /// every event after it. Named by its `id` when that is readable, else by its
+    /// position; its topic and payload when present, so the dead letter shows them.
+    pub fn unmappable_event(&self, tuple: &Tuple, commit_lsn: u64, index: u32) -> OutboxEvent {
+        let values = tuple.0.as_slice();
+        let text = |idx: Option<usize>| match idx.and_then(|i| values.get(i)) {
+            Some(TupleValue::Text(b)) if std::str::from_utf8(b).is_ok() => Some(b.clone()),
+            _ => None,
+        };
+        let id = text(Some(self.id)).unwrap_or_else(|| {
+            Bytes::from(format!(
+                "row-{}-{index}",
+                crate::route::format_lsn(commit_lsn)
+            ))
+        });
+        let topic =
+            text(Some(self.event_topic)).unwrap_or_else(|| Bytes::from_static(b"unmappable_row"));
+        let mut ev = OutboxEvent::new(id, topic, text(Some(self.payload)).unwrap_or_default());
+        ev.aggregate_type = text(self.aggregate_type);
+        ev.aggregate_id = text(self.aggregate_id);
+        ev.tenant_id = text(self.tenant_id);
+        ev
+    }
+}
+
+impl MapError {
+    /// Is the problem in this one row (dead-letter it) rather than in the mapping or
+    /// the protocol (stop and say what to fix)?
+    pub fn is_row_problem(&self) -> bool {
+        matches!(
+            self,
+            MapError::NullRequired { .. }
+                | MapError::UnchangedToast { .. }
+                | MapError::NotUtf8 { .. }
+                | MapError::BinaryValue { .. }
+        )
+    }
+}
+
 fn required(values: &[TupleValue], idx: usize, field: &'static str) -> Result<Bytes, MapError> {
     optional(values, Some(idx), field)?.ok_or(MapError::NullRequired { field })
 }

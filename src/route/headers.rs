@@ -29,9 +29,12 @@ pub const ORIGIN: &str = "Outbox-Origin";
 /// Dead letters only: why the event could not be published, and where it was going.
 pub const DLQ_REASON: &str = "Outbox-Dlq-Reason";
 pub const DLQ_SUBJECT: &str = "Outbox-Dlq-Original-Subject";
+/// On a message JetStream refused: the server's `err_code` (e.g. 10054 message size,
+/// 10097 header size, 10077 a stream limit); its description is in the reason.
+pub const DLQ_ERROR_CODE: &str = "Outbox-Dlq-Error-Code";
 
 /// Every header name the relay sets itself, for the README and for tests.
-pub fn header_names() -> [&'static str; 15] {
+pub fn header_names() -> [&'static str; 16] {
     [
         ORIGIN,
         MSG_ID,
@@ -48,6 +51,7 @@ pub fn header_names() -> [&'static str; 15] {
         TX_INDEX,
         DLQ_REASON,
         DLQ_SUBJECT,
+        DLQ_ERROR_CODE,
     ]
 }
 

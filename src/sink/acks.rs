@@ -50,6 +50,32 @@ impl AckError {
     }
 }
 
+/// JetStream `err_code`s that refuse one message for what it is or for a stream limit
+/// it meets, and would refuse it again if it were sent again unchanged: message size
+/// (10054), header size (10097), stream limits under `discard = new` (10077: maximum
+/// messages, bytes, messages per subject, or a message too large for a block), per-message
+/// TTL (10165, 10166), message schedules (10188-10192, 10203, 10212, 10223), expected
+/// stream/sequence/id headers (10060, 10070, 10071, 10164, 10193) and a sealed stream
+/// (10109). Everything else (a cluster electing a leader, insufficient resources, too
+/// many requests, an unknown code) may pass when tried again, and is transient.
+const REFUSES_THIS_MESSAGE: &[u64] = &[
+    10054, 10097, 10077, 10165, 10166, 10188, 10189, 10190, 10191, 10192, 10203, 10212, 10223,
+    10060, 10070, 10071, 10164, 10193, 10109,
+];
+
+impl AckError {
+    /// The server said no to this one message, and would again: it goes to the
+    /// dead-letter subject in its position, and the stream goes on.
+    pub fn refuses_message(&self) -> Option<u64> {
+        match self {
+            AckError::Api { err_code, .. } if REFUSES_THIS_MESSAGE.contains(err_code) => {
+                Some(*err_code)
+            }
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for AckError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -266,7 +266,7 @@ impl Sink {
                 Ok(None)
             }
             Err((sent, acks::SendError::TooLarge)) => self
-                .dead_letter_sent(sent, "max payload size exceeded")
+                .dead_letter_sent(sent, "max payload size exceeded", None)
                 .await
                 .map(|()| Some(ticket)),
             Err((_, acks::SendError::Failed(e))) => Err(publish_failed(
@@ -321,20 +321,44 @@ impl Sink {
                 }
                 Ok(sent.ticket)
             }
-            Err(e) => Err(publish_failed(
-                &self.health,
-                &self.denials,
-                e.kind(),
-                &format!("jetstream publish to {}: {e}", sent.subject),
-            )),
+            Err(e) => match e.refuses_message() {
+                // Proof that this message is not stored and never will be as it is:
+                // dead-lettered now, in its position; nothing behind it waits.
+                Some(code) => {
+                    self.health.publish_error("refused");
+                    let ticket = sent.ticket;
+                    let reason = format!("jetstream refused the message: {e}");
+                    match self.dead_letter_sent(sent, &reason, Some(code)).await {
+                        Ok(()) => Ok(ticket),
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Err(publish_failed(
+                    &self.health,
+                    &self.denials,
+                    e.kind(),
+                    &format!("jetstream publish to {}: {e}", sent.subject),
+                )),
+            },
         })
     }
 
     /// Dead letter for a message whose headers already went out with the failed
     /// publish: it keeps its `Nats-Msg-Id` (a replayed dead letter is deduplicated) and
     /// its position headers (reconciliation finds it in the dead-letter stream).
-    async fn dead_letter_sent(&mut self, sent: Sent, reason: &str) -> Result<()> {
+    async fn dead_letter_sent(
+        &mut self,
+        sent: Sent,
+        reason: &str,
+        error_code: Option<u64>,
+    ) -> Result<()> {
         let mut headers = async_nats::HeaderMap::new();
+        if let Some(code) = error_code {
+            headers.insert(
+                HeaderName::from_static(headers::DLQ_ERROR_CODE),
+                headers::value(&code.to_string()),
+            );
+        }
         if let Some(id) = sent.msg_id {
             headers.insert(HeaderName::from_static(headers::MSG_ID), id);
         }
@@ -455,7 +479,9 @@ fn essential_headers(all: &async_nats::HeaderMap) -> async_nats::HeaderMap {
 
 /// A bounded label for the dead-letter metric.
 fn dead_letter_kind(reason: &str) -> &'static str {
-    if reason.contains("max_payload") || reason.contains("max payload") {
+    if reason.starts_with("jetstream refused") {
+        "refused"
+    } else if reason.contains("max_payload") || reason.contains("max payload") {
         "max_payload"
     } else if reason.contains("no stream captures") {
         "no_stream"

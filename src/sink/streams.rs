@@ -65,10 +65,13 @@ pub async fn ensure(js: &jetstream::Context, cfg: &Config, schedules: bool) -> R
                     tracing::info!(stream = %s.name, "stream updated from [[streams]]");
                 }
             }
+            // Only "not found" means missing: another API error (no leader during an
+            // election) must not lead to a create, which would then fail as fatal.
             Err(e)
                 if matches!(
                     e.kind(),
-                    jetstream::context::GetStreamErrorKind::JetStream(_)
+                    jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
                 ) =>
             {
                 js.create_stream(want).await.map_err(|e| {
