@@ -469,6 +469,11 @@ impl Session<'_> {
                     self.handle(ev, st, sink).await?;
                 }
             }
+            if sink.has_refused() {
+                for t in sink.settle_refused().await? {
+                    st.tracker.ack(t);
+                }
+            }
             if let Some(lsn) = st.tracker.take_safe() {
                 self.confirm(lsn);
             }
@@ -510,6 +515,10 @@ impl Session<'_> {
                 Ok(Some(Ok(t))) => st.tracker.ack(t),
                 _ => break,
             }
+        }
+        match sink.settle_refused().await {
+            Ok(done) => done.into_iter().for_each(|t| st.tracker.ack(t)),
+            Err(e) => tracing::warn!(error = %e, "dead-lettering refused messages while stopping"),
         }
         if let Some(lsn) = st.tracker.take_safe() {
             self.confirm(lsn);
@@ -780,6 +789,9 @@ impl Session<'_> {
                     Some(Err(e)) => return Err(e),
                     None => break,
                 }
+            }
+            for done in sink.settle_refused().await? {
+                st.tracker.ack(done);
             }
             if let Some(done) = sink.publish(ticket, env).await? {
                 st.tracker.ack(done);

@@ -440,6 +440,16 @@ impl Health {
 mod tests {
     use super::*;
 
+    /// Issue 14: a process that starts with a lagging slot, before its first
+    /// connection, was reported "stalled for 1796403179 s" (the clock started at 1970).
+    #[test]
+    fn stall_clock_starts_with_the_process() {
+        let h = Health::new();
+        h.set_stall_after(std::time::Duration::from_secs(300));
+        h.slot_lag_bytes.set(90 << 20);
+        assert!(h.stalled().is_none(), "{:?}", h.stalled());
+    }
+
     #[test]
     fn stall_needs_lag_and_no_progress() {
         let h = Health::new();

@@ -2,6 +2,7 @@
 //! Needs PostgreSQL server binaries and nats-server: `bash scripts/setup.sh`.
 
 mod core;
+mod exactly_once;
 mod faults;
 mod ha;
 mod harness;

@@ -53,6 +53,8 @@ pub struct Sink {
     in_flight_bytes: usize,
     /// Permission errors of this connection, to explain failed publishes.
     denials: Arc<Denials>,
+    /// Messages the server refused, waiting for their dead letter (reason, err_code).
+    refused: std::collections::VecDeque<(Sent, String, u64)>,
 }
 
 /// Permission errors the server reported on this connection (`-ERR 'Permissions
@@ -194,6 +196,7 @@ impl Sink {
             origin: <HeaderValue as FromStr>::from_str(origin).ok(),
             in_flight_bytes: 0,
             denials: Arc::default(),
+            refused: Default::default(),
         })
     }
 
@@ -303,44 +306,65 @@ impl Sink {
     /// The next PubAck, in publish order. `None` when nothing is in flight. A failure
     /// is an error: the caller replays from the first unacknowledged transaction (a
     /// message the client could not send for its size was dead-lettered at publish).
+    /// A message the server refused for what it is is set aside for
+    /// [`Sink::settle_refused`] (its ticket stays open until then). Cancel-safe: nothing
+    /// is awaited between taking an outcome and recording it, so it can sit in a
+    /// `select!`.
     pub async fn next_ack(&mut self) -> Option<Result<Ticket>> {
-        let (sent, sent_at, res) = self.acks.next().await?;
-        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(sent.payload.len());
-        self.health
-            .puback_seconds
-            .observe(sent_at.elapsed().as_secs_f64());
-        Some(match res {
-            Ok(()) => {
-                sent.counter.inc();
-                let now_ms = crate::metrics::now_ms();
-                self.health.acked(now_ms);
-                if sent.committed_at_us > 0 {
-                    let now_us = now_ms as i64 * 1000;
-                    let secs = (now_us - sent.committed_at_us).max(0) as f64 / 1e6;
-                    self.health.end_to_end_seconds.observe(secs);
-                }
-                Ok(sent.ticket)
-            }
-            Err(e) => match e.refuses_message() {
-                // Proof that this message is not stored and never will be as it is:
-                // dead-lettered now, in its position; nothing behind it waits.
-                Some(code) => {
-                    self.health.publish_error("refused");
-                    let ticket = sent.ticket;
-                    let reason = format!("jetstream refused the message: {e}");
-                    match self.dead_letter_sent(sent, &reason, Some(code)).await {
-                        Ok(()) => Ok(ticket),
-                        Err(e) => Err(e),
+        loop {
+            let (sent, sent_at, res) = self.acks.next().await?;
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(sent.payload.len());
+            self.health
+                .puback_seconds
+                .observe(sent_at.elapsed().as_secs_f64());
+            match res {
+                Ok(()) => {
+                    sent.counter.inc();
+                    let now_ms = crate::metrics::now_ms();
+                    self.health.acked(now_ms);
+                    if sent.committed_at_us > 0 {
+                        let now_us = now_ms as i64 * 1000;
+                        let secs = (now_us - sent.committed_at_us).max(0) as f64 / 1e6;
+                        self.health.end_to_end_seconds.observe(secs);
                     }
+                    return Some(Ok(sent.ticket));
                 }
-                None => Err(publish_failed(
-                    &self.health,
-                    &self.denials,
-                    e.kind(),
-                    &format!("jetstream publish to {}: {e}", sent.subject),
-                )),
-            },
-        })
+                Err(e) => match e.refuses_message() {
+                    // Proof that this message is not stored and never will be as it
+                    // is: it is dead-lettered in its position; nothing behind it waits.
+                    Some(code) => {
+                        self.health.publish_error("refused");
+                        let reason = format!("jetstream refused the message: {e}");
+                        self.refused.push_back((sent, reason, code));
+                    }
+                    None => {
+                        return Some(Err(publish_failed(
+                            &self.health,
+                            &self.denials,
+                            e.kind(),
+                            &format!("jetstream publish to {}: {e}", sent.subject),
+                        )));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Are refused messages waiting for [`Sink::settle_refused`]?
+    pub fn has_refused(&self) -> bool {
+        !self.refused.is_empty()
+    }
+
+    /// Dead-letter every message the server refused (with its error code) and return
+    /// their tickets, now delivered. Not cancel-safe: call it outside a `select!`.
+    pub async fn settle_refused(&mut self) -> Result<Vec<Ticket>> {
+        let mut done = Vec::with_capacity(self.refused.len());
+        while let Some((sent, reason, code)) = self.refused.pop_front() {
+            let ticket = sent.ticket;
+            self.dead_letter_sent(sent, &reason, Some(code)).await?;
+            done.push(ticket);
+        }
+        Ok(done)
     }
 
     /// Dead letter for a message whose headers already went out with the failed
@@ -399,8 +423,21 @@ impl Sink {
         );
         tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
         let mut payload = env.payload;
-        let mut trimmed = false;
-        let fut = loop {
+        // Too large or refused even as a dead letter (the dead-letter stream has limits
+        // too). The row is still in the table; the dead letter says where to find it:
+        // first without the payload, then also without the headers that came from the
+        // row (a huge metadata value or column), which would otherwise fail it on every
+        // replay.
+        let mut trimmed = 0;
+        let mut trim = |payload: &mut Bytes, headers: &mut async_nats::HeaderMap| {
+            trimmed += 1;
+            if trimmed == 2 {
+                *headers = essential_headers(headers);
+            }
+            *payload = Bytes::new();
+            trimmed <= 2
+        };
+        loop {
             let attempt = self
                 .js
                 .send_publish(
@@ -410,35 +447,35 @@ impl Sink {
                         .headers(headers.clone()),
                 )
                 .await;
-            match attempt {
-                Ok(f) => break f,
-                // Too large even as a dead letter. The row is still in the table; the
-                // dead letter says where to find it: first without the payload, then
-                // also without the headers that came from the row (a huge metadata
-                // value or column), which would otherwise fail it on every replay.
-                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded && !trimmed => {
-                    if payload.is_empty() {
-                        headers = essential_headers(&headers);
-                        trimmed = true;
+            let fut = match attempt {
+                Ok(f) => f,
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    if trim(&mut payload, &mut headers) {
+                        continue;
                     }
-                    payload = Bytes::new();
+                    return Err(publish_error(&self.health, &self.denials, &e));
                 }
                 Err(e) => return Err(publish_error(&self.health, &self.denials, &e)),
+            };
+            match fut.await {
+                Ok(_) => {
+                    self.health.dead_lettered(dead_letter_kind(&reason));
+                    return Ok(());
+                }
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    return Err(Error::transient(format!(
+                        "dead-letter subject {subject} is not captured by any stream"
+                    ))
+                    .hint(format!(
+                        "create a stream for \"{}.>\" (or add it to [[streams]]); the relay retries the event until it can be stored",
+                        self.dlq_prefix
+                    )));
+                }
+                // A JetStream error reply (a limit of the dead-letter stream): smaller.
+                Err(e)
+                    if e.kind() == PublishErrorKind::Other && trim(&mut payload, &mut headers) => {}
+                Err(e) => return Err(publish_error(&self.health, &self.denials, &e)),
             }
-        };
-        match fut.await {
-            Ok(_) => {
-                self.health.dead_lettered(dead_letter_kind(&reason));
-                Ok(())
-            }
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => Err(Error::transient(format!(
-                "dead-letter subject {subject} is not captured by any stream"
-            ))
-            .hint(format!(
-                "create a stream for \"{}.>\" (or add it to [[streams]]); the relay retries the event until it can be stored",
-                self.dlq_prefix
-            ))),
-            Err(e) => Err(publish_error(&self.health, &self.denials, &e)),
         }
     }
 }

@@ -1,0 +1,258 @@
+//! Exactly once without assumptions (issue 14): a replay is skipped only on proof that
+//! this exact message is stored; the server's refusals are dead-lettered in place; a
+//! recreated slot is a gap that is refused, not resumed across; a row that cannot be
+//! mapped goes to the dead letters instead of stopping the relay.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use crate::harness::*;
+use crate::support::nats::Nats;
+use crate::support::postgres::Postgres;
+use crate::support::wait_for;
+
+/// The relay's exit once it stopped by itself (a fatal error), with its log.
+async fn wait_exit(relay: &mut Relay) -> (std::process::ExitStatus, String) {
+    let mut status = None;
+    wait_for("the relay to stop on a fatal error", DEADLINE, || {
+        let s = relay.exited();
+        let done = s.is_some();
+        if done {
+            status = s;
+        }
+        async move { done }
+    })
+    .await;
+    (status.expect("exit status"), relay.log_text())
+}
+
+/// Issue 14 (1) and (4): a stream whose `max_msg_size` (64 KiB) refuses a 100 KB row
+/// and a row whose metadata makes a 200 KB header, with rows before and after them.
+/// Each refused row is dead-lettered at once with the server's error code, in its
+/// position; every other row arrives once, in order; a restart after SIGKILL doubles
+/// nothing (the replay is skipped only where the exact message is read back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_messages_are_dead_lettered_in_place_and_nothing_is_skipped() {
+    let env = Env::start().await;
+    let js = env.js().await;
+    js.create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["outbox.>".into()],
+        max_message_size: 64 * 1024,
+        ..Default::default()
+    })
+    .await
+    .expect("stream with max_msg_size");
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    let before = insert_tx(&c, 50, "before").await;
+    c.batch_execute(
+        r#"INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             VALUES ('big', 'order', jsonb_build_object('blob', repeat('x', 100000)));
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload, metadata)
+             VALUES ('bighdr', 'order', '{"i": 1}', jsonb_build_object('x-big', repeat('h', 200000)));"#,
+    )
+    .await
+    .unwrap();
+    let after = insert_tx(&c, 99, "after").await;
+    let msgs = wait_read(&js, STREAM, 151).await;
+    // The dead letters are appended when the refusals come back, after what was
+    // pipelined behind them: the stream holds them where they arrived, each carrying
+    // its own position. Each transaction's rows, as sets (RETURNING does not promise
+    // insert order), in position order.
+    let (dead, rows): (Vec<Msg>, Vec<Msg>) = msgs
+        .iter()
+        .cloned()
+        .partition(|m| m.subject.starts_with("outbox.dlq."));
+    let set = |ms: &[Msg]| -> std::collections::BTreeSet<String> {
+        ms.iter().map(|m| m.msg_id().to_string()).collect()
+    };
+    assert_eq!(set(&rows[..50]), before.iter().cloned().collect());
+    assert_eq!(set(&rows[50..]), after.iter().cloned().collect());
+    let index = |m: &Msg| m.header("Outbox-Tx-Index").unwrap().parse::<u32>().unwrap();
+    assert!(rows[..50].iter().map(index).eq(0..50));
+    assert!(rows[50..].iter().map(index).eq(0..99));
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (m, subject) in dead.iter().zip([
+        "outbox.dlq.outbox.order.big",
+        "outbox.dlq.outbox.order.bighdr",
+    ]) {
+        assert_eq!(m.subject, subject, "{m:?}");
+        let reason = m.header("Outbox-Dlq-Reason").unwrap_or("");
+        assert!(reason.contains("jetstream refused the message"), "{reason}");
+        assert!(m.header("Outbox-Dlq-Error-Code").is_some(), "{m:?}");
+        assert!(m.header("Outbox-Commit-Lsn").is_some() && m.header("Outbox-Tx-Index").is_some());
+    }
+    assert_eq!(dead[0].header("Outbox-Dlq-Error-Code"), Some("10054"));
+    relay.assert_running("after the refusals");
+    let (_, metrics) = http_get(env.http_port, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"outbox_relay_events_dead_lettered_total{kind="refused"} 2"#),
+        "{metrics}"
+    );
+
+    // Kill and restart: the replay (if any) is proven stored, nothing doubles.
+    relay.kill();
+    relay.restart();
+    let marker = insert_tx(&c, 1, "marker").await;
+    let msgs = wait_read(&js, STREAM, 152).await;
+    assert_eq!(msgs.len(), 152);
+    assert_eq!(msgs[151].msg_id(), marker[0]);
+}
+
+/// Issue 14 (5): a NULL payload in a table that allows it is dead-lettered with the
+/// reason; the rows after it arrive and the relay keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_required_column_is_dead_lettered_not_fatal() {
+    let env = Env::start_migrated().await;
+    let c = env.sql().await;
+    c.batch_execute("ALTER TABLE outbox_events ALTER COLUMN payload DROP NOT NULL")
+        .await
+        .unwrap();
+    let mut relay = env.spawn_relay();
+    c.batch_execute(
+        r#"BEGIN;
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload) VALUES ('ok1', 'order', '{"i": 1}');
+           INSERT INTO outbox_events (id, event_topic, aggregate_type, payload)
+             VALUES ('00000000-0000-4000-8000-00000000000a', 'tombstone', 'order', NULL);
+           INSERT INTO outbox_events (event_topic, aggregate_type, payload) VALUES ('ok2', 'order', '{"i": 2}');
+           COMMIT;"#,
+    )
+    .await
+    .unwrap();
+    let js = env.js().await;
+    let msgs = wait_read(&js, STREAM, 3).await;
+    assert_eq!(
+        subjects(&msgs),
+        [
+            "outbox.order.ok1",
+            "outbox.dlq.outbox.order.tombstone",
+            "outbox.order.ok2"
+        ]
+    );
+    let dead = &msgs[1];
+    assert_eq!(dead.msg_id(), "00000000-0000-4000-8000-00000000000a");
+    assert!(
+        dead.header("Outbox-Dlq-Reason")
+            .unwrap_or("")
+            .contains("null payload"),
+        "{dead:?}"
+    );
+    relay.assert_running("after the NULL payload");
+}
+
+/// Issue 14 (2): deliver, stop, drop the slot, commit 10 rows. `migrate` refuses to
+/// create the slot again; a slot created by hand starts after the checkpoint and `run`
+/// and `check` refuse it, naming the gap; `run --accept-slot-gap` streams from it,
+/// logged and counted, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recreated_slot_is_a_gap_refused_until_accepted() {
+    let env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    insert_tx(&c, 5, "before").await;
+    let js = env.js().await;
+    wait_count(&js, STREAM, 5).await;
+    assert!(relay.terminate().success());
+    wait_slot_released(&c, "outbox_relay").await;
+    c.batch_execute("SELECT pg_drop_replication_slot('outbox_relay')")
+        .await
+        .unwrap();
+    insert_tx(&c, 10, "while_no_slot").await;
+
+    let out = env.cli(&["migrate"]);
+    assert!(
+        !out.status.success(),
+        "migrate recreated the slot: {}",
+        out.text()
+    );
+    assert!(
+        out.text().contains("is missing") && out.text().contains("not created"),
+        "{}",
+        out.text()
+    );
+
+    c.batch_execute("SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')")
+        .await
+        .unwrap();
+    let after = insert_tx(&c, 1, "after").await;
+    let mut refused = env.spawn_relay();
+    let (status, log) = wait_exit(&mut refused).await;
+    assert!(!status.success());
+    assert!(
+        log.contains("after this relay's checkpoint") && log.contains("--accept-slot-gap"),
+        "{log}"
+    );
+    let out = env.cli(&["check"]);
+    assert!(!out.status.success());
+    assert!(
+        out.text().contains("after this relay's checkpoint"),
+        "{}",
+        out.text()
+    );
+    assert_eq!(
+        stream_count(&js, STREAM).await,
+        5,
+        "nothing streamed across the gap"
+    );
+
+    let mut accepted = env.spawn_relay_args(&["--accept-slot-gap"]);
+    let msgs = wait_read(&js, STREAM, 6).await;
+    assert_eq!(msgs[5].msg_id(), after[0]);
+    assert!(accepted.log_text().contains("accepted gap"));
+    wait_http(
+        env.http_port,
+        "/metrics",
+        200,
+        "outbox_relay_slot_gaps_accepted_total 1",
+    )
+    .await;
+    // Accepted once: the next start needs no flag.
+    assert!(accepted.terminate().success());
+    wait_slot_released(&c, "outbox_relay").await;
+    let _again = env.spawn_relay();
+    let last = insert_tx(&c, 1, "last").await;
+    let msgs = wait_read(&js, STREAM, 7).await;
+    assert_eq!(msgs[6].msg_id(), last[0]);
+}
+
+/// Issue 14, stall clock: a relay started on a lagging slot while NATS is down reports
+/// what is wrong (not connected), never a stall dated from 1970; and once NATS is up it
+/// catches up without a stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_on_a_lagging_slot_is_not_a_stall() {
+    let mut env = Env::start_with(Postgres::start(), Nats::start()).await;
+    env.write_config("[monitor]\ninterval = \"200ms\"\n");
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let c = env.sql().await;
+    // More than 1 MiB of WAL behind the slot: a lag that could count as a stall.
+    c.batch_execute(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+         SELECT 'lag', 'order', jsonb_build_object('pad', repeat('p', 500), 'n', g)
+         FROM generate_series(1, 4000) g",
+    )
+    .await
+    .unwrap();
+    env.nats.stop();
+    let relay = env.spawn_relay();
+    wait_for("the monitor to measure the slot lag", DEADLINE, || async {
+        relay_metric(env.http_port, "outbox_relay_slot_lag_bytes").await > (1 << 20) as f64
+    })
+    .await;
+    // A few monitor rounds with the lag known and nothing connected.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, ready) = http_get(env.http_port, "/readyz").await.unwrap();
+    assert!(!ready.contains("stalled"), "{ready}");
+    env.nats.start_again();
+    let js = env.js().await;
+    wait_count(&js, STREAM, 4000).await;
+    assert!(
+        !relay.log_text().contains("stalled"),
+        "{}",
+        relay.log_text()
+    );
+}
