@@ -1,5 +1,8 @@
 //! Integration tests. Test modules are added below `selftest`.
 //! Needs PostgreSQL server binaries and nats-server: `bash scripts/setup.sh`.
+// The whole binary is test code (helpers included, which clippy's allow-in-tests does not
+// see as tests): a failed expectation should panic with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod core;
 mod exactly_once;
