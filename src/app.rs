@@ -364,7 +364,7 @@ impl Session<'_> {
         checkpoint
             .rebind(&identity.system_id, identity.timeline, start)
             .await?;
-        let mut index = StreamIndex::load(&js).await?;
+        let index = StreamIndex::load(&js).await?;
         let mut readback: std::collections::BTreeSet<String> = checkpoint.record().streams.clone();
         readback.extend(cfg.streams.iter().map(|s| s.name.clone()));
         let dlq = format!("{}.>", cfg.routing.dead_letter_prefix);
@@ -399,7 +399,6 @@ impl Session<'_> {
             stored_after_resume = reconciler.len(),
             "streaming"
         );
-        index.refresh_if_older(&js, Duration::from_secs(5)).await?;
         let (schema, table) = cfg.outbox.qualified();
         Ok(Opened {
             stream,
@@ -761,11 +760,7 @@ impl Session<'_> {
         for env in envs {
             let ticket = st.tracker.push_message();
             // Proof, not inference: this exact message was read back from a stream.
-            let msg_id = env.headers.get(crate::route::headers::MSG_ID);
-            if st
-                .reconciler
-                .already_stored(env.pos, msg_id.map(|v| v.as_str()))
-            {
+            if st.reconciler.proves_stored(&env) {
                 st.tracker.ack(ticket);
                 self.health.skipped_replays.inc();
                 continue;
@@ -789,9 +784,6 @@ impl Session<'_> {
                     Some(Err(e)) => return Err(e),
                     None => break,
                 }
-            }
-            for done in sink.settle_refused().await? {
-                st.tracker.ack(done);
             }
             if let Some(done) = sink.publish(ticket, env).await? {
                 st.tracker.ack(done);

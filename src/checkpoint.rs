@@ -328,6 +328,16 @@ impl Reconciler {
         self.max.is_some_and(|m| pos <= m)
     }
 
+    /// Is `env` already stored? Past the replay zone this is one comparison (no header
+    /// lookup, no hashing): the hot path once a session has caught up.
+    pub fn proves_stored(&self, env: &crate::route::Envelope) -> bool {
+        self.may_skip(env.pos)
+            && self.already_stored(
+                env.pos,
+                env.headers.get(headers::MSG_ID).map(|v| v.as_str()),
+            )
+    }
+
     /// Is this exact message (position and `Nats-Msg-Id`) already stored? Proof, not
     /// inference: only a message read back at this position with this id counts.
     pub fn already_stored(&self, pos: Position, msg_id: Option<&str>) -> bool {

@@ -119,17 +119,8 @@ pub async fn may_create_slot(cfg: &Config) -> Result<()> {
         .ok()
         .flatten();
     match record {
-        Some(r) if r.lsn > 0 => Err(crate::error::Error::fatal(format!(
-            "replication slot {} is missing, but this relay had delivered up to {} from it: \
-             creating it now would skip every event committed since; not created",
-            cfg.postgres.slot,
-            crate::route::format_lsn(r.lsn)
-        ))
-        .hint(
-            "find out who dropped the slot; refill the events committed after that position from the \
-             outbox table (docs/operations.md, \"after an incident\"), then start once with \
-             `outbox-relay run --accept-slot-gap`, which creates the slot",
-        )),
+        Some(r) if r.lsn > 0 => Err(crate::resume::missing_slot(&cfg.postgres.slot, r.lsn)
+            .context("migrate: replication slot not created")),
         _ => Ok(()),
     }
 }

@@ -88,23 +88,10 @@ pub fn plan(f: &Facts<'_>) -> Result<Plan> {
             )),
         }
     }
-    let gap_hint = |what: &str| {
-        format!(
-            "{what}: refill the events committed after {} from the outbox table (docs/operations.md, \
-             \"after an incident\"), then start once with `outbox-relay run --accept-slot-gap`",
-            format_lsn(known)
-        )
-    };
     match f.slot_confirmed {
         None if known > 0 => {
             if !f.accept_gap {
-                return Err(Error::fatal(format!(
-                    "replication slot {} is missing, but this relay had delivered up to {}: \
-                     events committed after that may be lost",
-                    f.slot,
-                    format_lsn(known)
-                ))
-                .hint(gap_hint("find out who dropped the slot")));
+                return Err(missing_slot(f.slot, known));
             }
             plan.warnings.push(format!(
                 "accepted gap (--accept-slot-gap): slot {} is created anew; events committed after {} \
@@ -125,7 +112,10 @@ pub fn plan(f: &Facts<'_>) -> Result<Plan> {
                     format_lsn(known),
                     slot_at - known
                 ))
-                .hint(gap_hint("find out who recreated the slot (`outbox-relay migrate` refuses to)")));
+                .hint(gap_hint(
+                    "find out who recreated the slot (`outbox-relay migrate` refuses to)",
+                    known,
+                )));
             }
             plan.warnings.push(format!(
                 "accepted gap (--accept-slot-gap): slot {} starts at {}; events committed between {} and \
@@ -142,6 +132,25 @@ pub fn plan(f: &Facts<'_>) -> Result<Plan> {
     }
     plan.start = known;
     Ok(plan)
+}
+
+/// The slot is gone although this relay delivered from it up to `known`: a slot
+/// created now would start at the current WAL position and skip everything in between.
+pub fn missing_slot(slot: &str, known: u64) -> Error {
+    Error::fatal(format!(
+        "replication slot {slot} is missing, but this relay had delivered up to {}: \
+         events committed after that may be lost",
+        format_lsn(known)
+    ))
+    .hint(gap_hint("find out who dropped the slot", known))
+}
+
+fn gap_hint(what: &str, known: u64) -> String {
+    format!(
+        "{what}: refill the events committed after {} from the outbox table (docs/operations.md, \
+         \"a slot that starts after the checkpoint\"), then start once with `outbox-relay run --accept-slot-gap`",
+        format_lsn(known)
+    )
 }
 
 #[cfg(test)]

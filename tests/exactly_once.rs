@@ -12,21 +12,6 @@ use crate::support::nats::Nats;
 use crate::support::postgres::Postgres;
 use crate::support::wait_for;
 
-/// The relay's exit once it stopped by itself (a fatal error), with its log.
-async fn wait_exit(relay: &mut Relay) -> (std::process::ExitStatus, String) {
-    let mut status = None;
-    wait_for("the relay to stop on a fatal error", DEADLINE, || {
-        let s = relay.exited();
-        let done = s.is_some();
-        if done {
-            status = s;
-        }
-        async move { done }
-    })
-    .await;
-    (status.expect("exit status"), relay.log_text())
-}
-
 /// Issue 14 (1) and (4): a stream whose `max_msg_size` (64 KiB) refuses a 100 KB row
 /// and a row whose metadata makes a 200 KB header, with rows before and after them.
 /// Each refused row is dead-lettered at once with the server's error code, in its
@@ -180,8 +165,8 @@ async fn recreated_slot_is_a_gap_refused_until_accepted() {
         .unwrap();
     let after = insert_tx(&c, 1, "after").await;
     let mut refused = env.spawn_relay();
-    let (status, log) = wait_exit(&mut refused).await;
-    assert!(!status.success());
+    assert!(!refused.wait_exit().await.success());
+    let log = refused.log_text();
     assert!(
         log.contains("after this relay's checkpoint") && log.contains("--accept-slot-gap"),
         "{log}"

@@ -573,11 +573,7 @@ async fn publication_dropped_while_streaming_is_fatal() {
         .await
         .unwrap();
     insert_tx(&c, 1, "y").await;
-    wait_for("relay to stop", DEADLINE, || {
-        let exited = relay.exited();
-        async move { exited.is_some() }
-    })
-    .await;
+    relay.wait_exit().await;
     let log = relay.log_text();
     assert!(
         log.contains("publication") && log.contains("does not exist"),
@@ -610,11 +606,7 @@ async fn replication_privilege_revoked_is_fatal() {
     )
     .await
     .unwrap();
-    wait_for("relay to stop", DEADLINE, || {
-        let exited = relay.exited();
-        async move { exited.is_some() }
-    })
-    .await;
+    relay.wait_exit().await;
     let log = relay.log_text();
     assert!(log.contains("REPLICATION"), "{log}");
 }

@@ -285,6 +285,23 @@ impl Relay {
         Some(status)
     }
 
+    /// Waits (up to [`DEADLINE`]) for the process to stop by itself, e.g. on a fatal
+    /// error, and returns its exit status.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "relay still running after {DEADLINE:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Panics with the relay's log if the process has exited.
     pub fn assert_running(&mut self, when: &str) {
         if let Some(status) = self.exited() {

@@ -519,14 +519,7 @@ async fn delay_seconds_needs_a_server_with_schedules() {
     assert!(out.text().contains(needs), "{}", out.text());
     assert!(out.text().contains(&version), "{}", out.text());
     let mut relay = env.spawn_relay();
-    let mut status = None;
-    wait_for("the relay to exit", DEADLINE, || {
-        status = status.or_else(|| relay.exited());
-        let done = status.is_some();
-        async move { done }
-    })
-    .await;
-    assert!(!status.unwrap().success());
+    assert!(!relay.wait_exit().await.success());
     assert!(relay.log_text().contains(needs), "{}", relay.log_text());
 }
 

@@ -4,7 +4,6 @@
 //! permission errors reported, secrets never printed.
 
 use std::path::Path;
-use std::time::Duration;
 
 use async_nats::jetstream;
 
@@ -369,15 +368,7 @@ async fn wrong_ca_is_refused_naming_the_certificate() {
     // `run` with the wrong NATS CA: fatal, not retried forever.
     s.write_config("postgres", &s.ca.pem, &other.pem);
     let mut relay = env.spawn_relay_env(&secrets);
-    wait_for(
-        "relay exits on the nats certificate",
-        Duration::from_secs(60),
-        || {
-            let exited = relay.exited();
-            async move { exited.is_some() }
-        },
-    )
-    .await;
+    relay.wait_exit().await;
     let log = relay.log_text().to_lowercase();
     assert!(
         log.contains("tls") && log.contains("certificate") && log.contains("nats.tls_ca_file"),
@@ -388,15 +379,7 @@ async fn wrong_ca_is_refused_naming_the_certificate() {
     // (Both connections are built from one setting, so a wrong CA fails both.)
     s.write_config("postgres", &other.pem, &s.ca.pem);
     let mut relay = env.spawn_relay_env(&secrets);
-    wait_for(
-        "relay exits on the postgres certificate",
-        Duration::from_secs(60),
-        || {
-            let exited = relay.exited();
-            async move { exited.is_some() }
-        },
-    )
-    .await;
+    relay.wait_exit().await;
     assert!(
         relay.log_text().to_lowercase().contains("unknownissuer"),
         "{}",
