@@ -241,3 +241,103 @@ async fn start_on_a_lagging_slot_is_not_a_stall() {
         relay.log_text()
     );
 }
+
+/// The relay's NATS user: publish everywhere the relay needs, minus `deny`.
+fn relay_permissions(deny: &str) -> String {
+    format!(
+        r#"
+authorization {{
+  users = [
+    {{ user: relay, password: "relay-pw", permissions: {{
+        publish: {{ allow: ["outbox.>", "$JS.API.>", "$KV.outbox_relay.>"]{deny} }}
+        subscribe: {{ allow: ["_INBOX.>"] }}
+    }} }}
+    {{ user: admin, password: "admin-pw" }}
+  ]
+}}
+no_auth_user: admin
+"#
+    )
+}
+
+/// Issue 14 (3): the relay may publish `outbox.order.>` but not `outbox.payment.>`; 400
+/// rows alternate between the two. The order events are stored, the payment events
+/// wait: sessions end on the denial and replay, skipping only what they read back
+/// (the old design skipped every denied row below the stream's last stored position
+/// and reported "caught up"). When the permission is granted (config reload) every
+/// payment event arrives, once, in commit order per subject, and nothing is
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_events_wait_and_arrive_once_after_the_grant() {
+    let nats = Nats::start_with(&relay_permissions(r#", deny: ["outbox.payment.>"]"#));
+    let mut env = Env::start_with(Postgres::start(), nats).await;
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let creds = [
+        ("OUTBOX_RELAY_NATS_USER", "relay"),
+        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
+    ];
+    let mut relay = env.spawn_relay_env(&creds);
+    let c = env.sql().await;
+    for tx in 0..40 {
+        c.execute(
+            "INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             SELECT 'paid', CASE WHEN g % 2 = 0 THEN 'order' ELSE 'payment' END,
+                    jsonb_build_object('n', $1::int * 10 + g)
+             FROM generate_series(0, 9) AS s(g) ORDER BY g",
+            &[&tx],
+        )
+        .await
+        .unwrap();
+    }
+    let js = env.js().await;
+    wait_count(&js, STREAM, 200).await;
+    // Several sessions replay across the denied events while the denial lasts.
+    let port = env.http_port;
+    wait_for(
+        "three sessions ended by the denial",
+        DEADLINE,
+        || async move { relay_metric(port, "outbox_relay_reconnects_total").await >= 3.0 },
+    )
+    .await;
+    let held = read_all(&js, STREAM).await;
+    assert_eq!(held.len(), 200, "only the order events are stored");
+    assert!(held.iter().all(|m| m.subject == "outbox.order.paid"));
+    assert!(
+        relay.log_text().contains("Permissions Violation"),
+        "{}",
+        relay.log_text()
+    );
+
+    env.nats.reload_with(&relay_permissions(""));
+    let marker = insert_tx(&c, 1, "marker").await;
+    let msgs = wait_read(&js, STREAM, 401).await;
+    assert_eq!(msgs.len(), 401);
+    let ids: std::collections::HashSet<&str> = msgs.iter().map(|m| m.msg_id()).collect();
+    assert_eq!(ids.len(), 401, "no event twice");
+    let table: std::collections::HashSet<String> = c
+        .query("SELECT id::text FROM outbox_events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.iter().all(|id| table.contains(*id)) && table.len() == 401);
+    assert!(ids.contains(marker[0].as_str()));
+    for subject in ["outbox.order.paid", "outbox.payment.paid"] {
+        let n: Vec<i64> = msgs
+            .iter()
+            .filter(|m| m.subject == subject)
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                v["n"].as_i64().unwrap()
+            })
+            .collect();
+        assert_eq!(n.len(), 200, "{subject}");
+        assert!(
+            n.windows(2).all(|w| w[0] < w[1]),
+            "{subject} out of commit order: {n:?}"
+        );
+    }
+    relay.assert_running("after the grant");
+}

@@ -128,6 +128,14 @@ pub(crate) async fn verify_exactly_once(env: &Env) -> Vec<Msg> {
     let got: Vec<&str> = msgs.iter().map(|m| m.msg_id()).collect();
     let distinct: HashSet<&str> = got.iter().copied().collect();
     assert_eq!(distinct.len(), got.len(), "duplicates in the stream");
+    // A dead letter keeps its event's Nats-Msg-Id: without this, a fault misread as the
+    // server refusing the message (dead-lettered) would pass the id checks below.
+    let dead: Vec<&str> = msgs
+        .iter()
+        .filter(|m| m.subject.starts_with("outbox.dlq."))
+        .map(|m| m.subject.as_str())
+        .collect();
+    assert!(dead.is_empty(), "events dead-lettered by a transient fault: {dead:?}");
     assert_eq!(got.len(), ids.len() + 1, "count differs from the table");
     assert_eq!(got.last().copied(), Some(marker[0].as_str()));
     let got_set: HashSet<String> = got[..got.len() - 1].iter().map(|s| s.to_string()).collect();

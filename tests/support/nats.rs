@@ -218,6 +218,15 @@ impl Nats {
         self.child.as_ref().is_some_and(|c| pid_alive(c.id()))
     }
 
+    /// Replace the extra config (e.g. its permissions) and make the running server
+    /// reload it (SIGHUP), as an operator granting a permission would.
+    pub fn reload_with(&mut self, config_extra: &str) {
+        self.config_extra = config_extra.to_string();
+        self.write_config();
+        let pid = self.pid().expect("nats-server running");
+        assert!(crate::support::send_signal(pid, "HUP"), "kill -HUP {pid}");
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
