@@ -135,7 +135,10 @@ pub(crate) async fn verify_exactly_once(env: &Env) -> Vec<Msg> {
         .filter(|m| m.subject.starts_with("outbox.dlq."))
         .map(|m| m.subject.as_str())
         .collect();
-    assert!(dead.is_empty(), "events dead-lettered by a transient fault: {dead:?}");
+    assert!(
+        dead.is_empty(),
+        "events dead-lettered by a transient fault: {dead:?}"
+    );
     assert_eq!(got.len(), ids.len() + 1, "count differs from the table");
     assert_eq!(got.last().copied(), Some(marker[0].as_str()));
     let got_set: HashSet<String> = got[..got.len() - 1].iter().map(|s| s.to_string()).collect();
