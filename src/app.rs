@@ -364,7 +364,7 @@ impl Session<'_> {
         checkpoint
             .rebind(&identity.system_id, identity.timeline, start)
             .await?;
-        let index = StreamIndex::load(&js).await?;
+        let index = StreamIndex::load(&js, crate::sink::streams::reach(cfg)).await?;
         let mut readback: std::collections::BTreeSet<String> = checkpoint.record().streams.clone();
         readback.extend(cfg.streams.iter().map(|s| s.name.clone()));
         let dlq = format!("{}.>", cfg.routing.dead_letter_prefix);
@@ -548,11 +548,10 @@ impl Session<'_> {
     ) -> Result<String> {
         let js = sink.context();
         if env.dead_letter.is_none() {
-            let mut found = index.stream_of(&env.subject);
-            if found.is_none() && index.refresh_if_older(js, Duration::from_secs(5)).await? {
-                found = index.stream_of(&env.subject);
-            }
-            match found {
+            match index
+                .resolve(js, &env.subject, Duration::from_secs(5))
+                .await?
+            {
                 Some(s) if env.delay_seconds == 0 => return Ok(s),
                 Some(s) => match self.schedule_subject(env, &s, index, sink) {
                     Ok(definition) => {
@@ -568,10 +567,7 @@ impl Session<'_> {
         }
         env.schedule = None;
         let dlq = format!("{}.{}", self.cfg.routing.dead_letter_prefix, env.subject);
-        let mut found = index.stream_of(&dlq);
-        if found.is_none() && index.refresh_if_older(js, Duration::from_secs(1)).await? {
-            found = index.stream_of(&dlq);
-        }
+        let found = index.resolve(js, &dlq, Duration::from_secs(1)).await?;
         found.ok_or_else(|| {
             Error::transient(format!("dead-letter subject {dlq} is not captured by any stream")).hint(format!(
                 "create a stream for \"{}.>\" (or add it to [[streams]]); the event is retried until it can be stored",

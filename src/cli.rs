@@ -56,7 +56,7 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
                 if let Err(e) = slot_guard(cfg, &js).await {
                     problems.push(problem(&e.message, e.hint.as_deref()));
                 }
-                match sink::streams::StreamIndex::load(&js).await {
+                match sink::streams::StreamIndex::load(&js, sink::streams::reach(cfg)).await {
                     Ok(index) => {
                         capture_problems(cfg, &index, &mut problems, &mut notes);
                         if let Some(rules) = &rules {

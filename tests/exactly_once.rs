@@ -341,3 +341,95 @@ async fn denied_events_wait_and_arrive_once_after_the_grant() {
     }
     relay.assert_running("after the grant");
 }
+
+/// docs/security.md's narrowed permissions for the relay's nats user, word for word
+/// (the stream names filled in: `OUTBOX` holds the events and the dead letters).
+const NARROW_PERMISSIONS: &str = r#"
+authorization {
+  users = [
+    { user: relay, password: "relay-pw", permissions: {
+        publish: { allow: ["outbox.>", "$KV.outbox_relay.>",
+                           "$JS.API.INFO", "$JS.API.STREAM.NAMES",
+                           "$JS.API.STREAM.INFO.OUTBOX", "$JS.API.STREAM.CREATE.OUTBOX",
+                           "$JS.API.STREAM.UPDATE.OUTBOX", "$JS.API.STREAM.MSG.GET.OUTBOX",
+                           "$JS.API.DIRECT.GET.KV_outbox_relay.>",
+                           "$JS.API.STREAM.CREATE.KV_outbox_relay",
+                           "$JS.API.STREAM.INFO.KV_outbox_relay"] }
+        subscribe: { allow: ["_INBOX.>"] }
+    } }
+    { user: admin, password: "admin-pw" }
+  ]
+}
+no_auth_user: admin
+"#;
+
+/// Issue 14 (6): another application's stream `OTHER`, which the relay's user may not
+/// read (no `INFO`, no message reads, no `STREAM.LIST`: the narrowed permissions of
+/// docs/security.md). The relay migrates, delivers 200 rows, is killed mid-stream and
+/// resumes, and every row arrives once, in order. Before the fix the index listed
+/// every stream (`STREAM.LIST`, denied) and the session never opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_foreign_stream_changes_nothing_under_narrow_permissions() {
+    let env = Env::start_with(Postgres::start(), Nats::start_with(NARROW_PERMISSIONS)).await;
+    // The admin (no_auth_user) owns OTHER and its messages.
+    let admin = env.js().await;
+    admin
+        .create_stream(jetstream::stream::Config {
+            name: "OTHER".into(),
+            subjects: vec!["other.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..20 {
+        admin
+            .publish(format!("other.{i}"), "theirs".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let creds = [
+        ("OUTBOX_RELAY_NATS_USER", "relay"),
+        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
+    ];
+    let out = env.cli_env(&["migrate"], &creds);
+    assert!(out.status.success(), "{}", out.text());
+    let out = env.cli_env(&["check"], &creds);
+    assert!(out.status.success(), "{}", out.text());
+    let mut relay = env.spawn_relay_env(&creds);
+    let c = env.sql().await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.extend(insert_tx(&c, 10, "first").await);
+    }
+    wait_count(&admin, STREAM, 100).await;
+    relay.kill();
+    for _ in 0..10 {
+        ids.extend(insert_tx(&c, 10, "second").await);
+    }
+    relay.restart();
+    let msgs = wait_read(&admin, STREAM, 200).await;
+    let got: Vec<&str> = msgs.iter().map(|m| m.msg_id()).collect();
+    let unique: std::collections::HashSet<&str> = got.iter().copied().collect();
+    assert_eq!(got.len(), 200, "no event twice");
+    assert_eq!(
+        unique,
+        ids.iter().map(String::as_str).collect(),
+        "every row once"
+    );
+    let positions: Vec<(u64, u32)> = msgs.iter().map(Msg::position).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "stored in position order: {positions:?}"
+    );
+    assert_eq!(stream_count(&admin, "OTHER").await, 20, "OTHER untouched");
+    // OTHER overlaps the relay's reach (no routing.subject_prefix: every subject), so
+    // its INFO was asked, refused, and named.
+    assert!(
+        relay.log_text().contains("$JS.API.STREAM.INFO.OTHER"),
+        "{}",
+        relay.log_text()
+    );
+    relay.assert_running("under narrow permissions");
+}

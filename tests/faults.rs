@@ -152,14 +152,7 @@ pub(crate) async fn verify_exactly_once(env: &Env) -> Vec<Msg> {
     let mut last_pos = (0u64, 0u32);
     let mut last_n = 0i64;
     for m in &msgs {
-        let lsn = m.header("Outbox-Commit-Lsn").unwrap();
-        let (hi, lo) = lsn.split_once('/').unwrap();
-        let lsn =
-            (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
-        let pos = (
-            lsn,
-            m.header("Outbox-Tx-Index").unwrap().parse::<u32>().unwrap(),
-        );
+        let pos = m.position();
         assert!(
             pos > last_pos,
             "position order broken at seq {}: {pos:?} after {last_pos:?}",

@@ -344,6 +344,15 @@ impl Msg {
     pub fn msg_id(&self) -> &str {
         self.header("Nats-Msg-Id").unwrap_or("")
     }
+    /// The event's position: (`Outbox-Commit-Lsn`, `Outbox-Tx-Index`).
+    pub fn position(&self) -> (u64, u32) {
+        let lsn = self.header("Outbox-Commit-Lsn").expect("Outbox-Commit-Lsn");
+        let (hi, lo) = lsn.split_once('/').expect("an X/X lsn");
+        let lsn =
+            (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+        let index = self.header("Outbox-Tx-Index").expect("Outbox-Tx-Index");
+        (lsn, index.parse().expect("a numeric tx index"))
+    }
 }
 
 pub async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {

@@ -104,12 +104,23 @@ fn stream_config(s: &StreamConfig) -> stream::Config {
     }
 }
 
-/// Which stream captures which subject, matched locally from every stream's subject
-/// filters, so routing decides "no stream: dead letter" before publishing, with no
-/// round trip per message.
+/// Which stream captures which subject, matched locally from the subject filters of the
+/// streams this relay can reach, so routing decides "no stream: dead letter" before
+/// publishing, with no round trip per message.
+///
+/// Only streams capturing a subject in [`reach`] are read (`STREAM.NAMES` filtered by
+/// subject, then `STREAM.INFO` of each): another application's stream is never read,
+/// so one that is down or forbidden changes nothing, and docs/security.md's narrowed
+/// permissions (no `STREAM.LIST`, `INFO` on the relay's streams only) suffice.
 #[derive(Debug, Default)]
 pub struct StreamIndex {
+    /// What this relay can publish to: the `STREAM.NAMES` filters.
+    reach: Vec<String>,
     filters: Vec<(String, String)>,
+    /// Streams in reach whose `INFO` failed (forbidden, or not answering): their
+    /// subjects are unknown, so a subject no readable stream captures is checked
+    /// against them by name before it is called uncaptured ([`StreamIndex::resolve`]).
+    unreadable: std::collections::BTreeSet<String>,
     /// Streams that allow message schedules (`allow_msg_schedules`), with the limits
     /// that could remove a pending definition.
     schedules: HashMap<String, ScheduleLimits>,
@@ -127,23 +138,119 @@ struct ScheduleLimits {
 /// Bound on remembered subjects (subjects may carry ids: unbounded cardinality).
 const CACHE_LIMIT: usize = 16_384;
 
+/// Stream `INFO` requests in flight at once while loading the index.
+const INFO_CONCURRENCY: usize = 16;
+
+/// The subject patterns this relay can publish to: every routed subject (all of them,
+/// `>`, unless `routing.subject_prefix` confines them), the dead letters and the
+/// schedule definitions.
+pub fn reach(cfg: &Config) -> Vec<String> {
+    if cfg.routing.subject_prefix.is_empty() {
+        return vec![">".into()];
+    }
+    let prefix = template_pattern(&cfg.routing.subject_prefix);
+    vec![
+        format!("{prefix}.>"),
+        prefix,
+        format!("{}.>", cfg.routing.dead_letter_prefix),
+        format!("{}.>", cfg.routing.schedule_prefix),
+    ]
+}
+
+/// One page of a `STREAM.NAMES` answer.
+#[derive(Debug, serde::Deserialize)]
+struct NamesPage {
+    total: usize,
+    streams: Option<Vec<String>>,
+}
+
+/// The names of the streams whose subjects overlap one of `filters`.
+async fn stream_names(
+    js: &jetstream::Context,
+    filters: &[String],
+) -> Result<std::collections::BTreeSet<String>> {
+    use async_nats::jetstream::response::Response;
+    let failed = |e: String| {
+        Error::transient(format!("list streams: {e}")).hint(
+            "check that nats-server runs with JetStream enabled (-js) and that the relay's nats user \
+             may publish to $JS.API.STREAM.NAMES (docs/security.md)",
+        )
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for filter in filters {
+        let mut offset = 0;
+        loop {
+            let body = serde_json::json!({ "offset": offset, "subject": filter });
+            let page: Response<NamesPage> = js
+                .request("STREAM.NAMES", &body)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let page = match page {
+                Response::Ok(page) => page,
+                Response::Err { error } => return Err(failed(error.to_string())),
+            };
+            let got = page.streams.unwrap_or_default();
+            offset += got.len();
+            let done = got.is_empty() || offset >= page.total;
+            names.extend(got);
+            if done {
+                break;
+            }
+        }
+    }
+    Ok(names)
+}
+
 impl StreamIndex {
-    pub async fn load(js: &jetstream::Context) -> Result<StreamIndex> {
-        let mut idx = StreamIndex::default();
+    /// The index of the streams capturing `reach` (see [`reach`]).
+    pub async fn load(js: &jetstream::Context, reach: Vec<String>) -> Result<StreamIndex> {
+        let mut idx = StreamIndex {
+            reach,
+            ..Default::default()
+        };
         idx.refresh(js).await?;
         Ok(idx)
     }
 
-    /// Re-read every stream's subjects.
+    /// Re-read the subjects of every stream in reach. A stream whose `INFO` fails is
+    /// remembered as unreadable and not asked again by later refreshes (a forbidden
+    /// `INFO` costs a request timeout); [`StreamIndex::resolve`] retries it when a
+    /// subject might be its.
     pub async fn refresh(&mut self, js: &jetstream::Context) -> Result<()> {
+        let names = stream_names(js, &self.reach).await?;
+        let asked: Vec<String> = names
+            .into_iter()
+            .filter(|n| !self.unreadable.contains(n))
+            .collect();
+        let answers: Vec<(String, std::result::Result<stream::Info, String>)> =
+            futures::stream::iter(asked)
+                .map(|name| async move {
+                    let info = js
+                        .get_stream(&name)
+                        .await
+                        .map(|s| s.cached_info().clone())
+                        .map_err(|e| e.to_string());
+                    (name, info)
+                })
+                .buffer_unordered(INFO_CONCURRENCY)
+                .collect()
+                .await;
         let mut filters = Vec::new();
         let mut schedules = HashMap::new();
-        let mut streams = js.streams();
-        while let Some(info) = streams.next().await {
-            let info = info.map_err(|e| {
-                Error::transient(format!("list streams: {e}"))
-                    .hint("check that nats-server runs with JetStream enabled (-js)")
-            })?;
+        for (name, info) in answers {
+            let info = match info {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::warn!(
+                        stream = %name,
+                        error = %e,
+                        "cannot read a stream whose subjects overlap the relay's: \
+                         grant the relay's nats user $JS.API.STREAM.INFO.{name} if it is meant to capture them"
+                    );
+                    self.unreadable.insert(name);
+                    continue;
+                }
+            };
             for subject in &info.config.subjects {
                 filters.push((subject.clone(), info.config.name.clone()));
             }
@@ -157,11 +264,55 @@ impl StreamIndex {
                 );
             }
         }
+        // Sorted, so two streams overlapping on a subject resolve the same way at
+        // every load (the server stores such a subject in neither: it refuses the
+        // overlap when the second stream is created).
+        filters.sort();
         self.filters = filters;
         self.schedules = schedules;
         self.cache.clear();
         self.loaded_at = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// The stream capturing `subject`, refreshing the index when it knows none (at
+    /// most once per `min_age`). `None` is proof that no stream in reach captures it:
+    /// when some stream's subjects could not be read, the server is asked which
+    /// stream captures `subject`, and an unreadable one is an error (transient: the
+    /// event waits until its `INFO` is granted), never a guess.
+    pub async fn resolve(
+        &mut self,
+        js: &jetstream::Context,
+        subject: &str,
+        min_age: std::time::Duration,
+    ) -> Result<Option<String>> {
+        if let Some(found) = self.stream_of(subject) {
+            return Ok(Some(found));
+        }
+        if self.refresh_if_older(js, min_age).await?
+            && let Some(found) = self.stream_of(subject)
+        {
+            return Ok(Some(found));
+        }
+        if self.unreadable.is_empty() {
+            return Ok(None);
+        }
+        let Some(name) = stream_for(js, subject).await? else {
+            return Ok(None);
+        };
+        // Its INFO may be granted by now: read it again.
+        self.unreadable.remove(&name);
+        self.refresh(js).await?;
+        if let Some(found) = self.stream_of(subject) {
+            return Ok(Some(found));
+        }
+        Err(Error::transient(format!(
+            "stream {name} captures subject {subject}, but the relay cannot read its configuration"
+        ))
+        .hint(format!(
+            "grant the relay's nats user $JS.API.STREAM.INFO.{name}, or route the subject elsewhere; \
+             the event waits until then"
+        )))
     }
 
     /// Refresh unless that happened less than `min_age` ago.

@@ -435,7 +435,9 @@ impl Postgres {
             // sure we are not talking to another server that grabbed the port).
             if let Some(pf) = self.pidfile()
                 && pf.pid == child.id()
-                && pf.status == "ready"
+                // "standby": a hot standby accepting read-only connections
+                // ([`Postgres::start_standby_of`]); a primary never writes it.
+                && (pf.status == "ready" || pf.status == "standby")
                 && pf.port == Some(self.port)
                 && port_accepts(self.port)
             {
