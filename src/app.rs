@@ -862,7 +862,7 @@ impl Session<'_> {
                                 .hint("fix [outbox.columns] or the table, then restart; the row is not skipped"));
                     }
                 };
-                let (event, refused) = match mapping.event(&tuple) {
+                let (mut event, refused) = match mapping.event(&tuple) {
                     Ok(event) => (event, None),
                     // The row is in the WAL and cannot be fixed any more: stopping on it
                     // would stop every event after it. It goes to the dead letters.
@@ -880,6 +880,11 @@ impl Session<'_> {
                         ));
                     }
                 };
+                // The payload is a slice of the whole WAL message (every column of the
+                // row): held in flight, it would keep that buffer alive while only its
+                // own bytes count against `nats.max_in_flight_bytes`. Copied out, the
+                // message is freed here and the count is what the memory holds.
+                event.payload = bytes::Bytes::copy_from_slice(&event.payload);
                 self.publish_event(&event, refused, st, sink).await?;
             }
             Ok(PgMessage::Truncate { .. }) => {

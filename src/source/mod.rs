@@ -18,8 +18,12 @@ use crate::error::{Error, Result, from_repl};
 
 pub use pgwire_replication::ReplicationEvent as Event;
 
-/// Replication events buffered between the socket and the pipeline.
-pub const REPLICATION_BUFFER_EVENTS: usize = 256;
+/// Replication events buffered between the socket and the pipeline: the read-ahead,
+/// the part of memory `nats.max_in_flight_bytes` does not count. pgwire-replication
+/// bounds it in events, so it is kept small: at most this many WAL messages (rows) are
+/// held beyond the in-flight ones (docs/guarantees.md, "memory"). 16 keeps the walsender
+/// streaming while the pipeline takes a message; 256 held 51 MB of 200 KB rows.
+pub const REPLICATION_BUFFER_EVENTS: usize = 16;
 
 /// An open replication stream.
 pub struct Stream {
@@ -70,9 +74,6 @@ fn replication_config(cfg: &Config, start: u64) -> Result<ReplicationConfig> {
     .with_start_lsn(Lsn::from_u64(start))
     .with_status_interval(cfg.postgres.status_interval)
     .with_wakeup_interval(Duration::from_secs(10))
-    // Events read ahead of the pipeline. Counted in events, not bytes, so it is kept
-    // small: with large rows it is the part of memory `nats.max_in_flight_bytes`
-    // does not bound.
     .with_buffer_size(REPLICATION_BUFFER_EVENTS)
     .with_application_name("outbox-relay"))
 }
