@@ -21,9 +21,10 @@ use crate::decode::{self, PgMessage, RelationCache};
 use crate::error::{Error, Result};
 use crate::metrics::Health;
 use crate::monitor::{Delivered, Monitor};
+use crate::placement::Placement;
 use crate::progress::Tracker;
 use crate::resume;
-use crate::route::{Envelope, FallbackRole, Router, Template};
+use crate::route::{Envelope, Router, Template};
 use crate::sink::streams::StreamIndex;
 use crate::sink::{self, Sink};
 use crate::source::{Event, Stream, admin};
@@ -195,41 +196,6 @@ struct State {
     checkpoint: Checkpoint,
     /// What earlier sessions stored after the resume position: the proof behind skips.
     reconciler: Reconciler,
-}
-
-/// The reason `env` cannot be published when it is larger than `max_payload`: payload
-/// plus a generous allowance for headers, NATS counts both (a row can make the headers
-/// the large part: a metadata value or a column of several MB).
-fn too_large(env: &Envelope, max_payload: usize) -> Option<String> {
-    let headers: usize = env
-        .headers
-        .iter()
-        .map(|(k, vs)| {
-            vs.iter()
-                .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
-                .sum::<usize>()
-        })
-        .sum::<usize>()
-        + 16;
-    (env.payload.len() + headers > max_payload).then(|| {
-        format!(
-            "message of {} bytes (payload {}, headers {headers}) exceeds the server's max_payload of {max_payload} bytes",
-            env.payload.len() + headers,
-            env.payload.len(),
-        )
-    })
-}
-
-/// The reason an `all_or_nothing` fan-out must go to the dead-letter subject as a
-/// whole: the first of its copies that would be dead-lettered.
-fn all_or_nothing_failure(envs: &[Envelope]) -> Option<String> {
-    envs.iter()
-        .filter(|e| e.all_or_nothing)
-        .find_map(|e| e.dead_letter.clone())
-        .filter(|_| {
-            envs.iter()
-                .any(|e| e.all_or_nothing && e.dead_letter.is_none())
-        })
 }
 
 /// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the
@@ -535,76 +501,6 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// The stream `env` will be stored in. A subject no stream captures is turned into a
-    /// dead letter here, before publishing, so a replay decides the same way and the
-    /// stream's order is the position order; so is a delayed copy whose stream cannot
-    /// hold its schedule definition. A dead-letter subject without a stream is
-    /// transient: the event waits (nothing is dropped) until an operator adds one.
-    async fn destination(
-        &self,
-        env: &mut Envelope,
-        index: &mut StreamIndex,
-        sink: &Sink,
-    ) -> Result<String> {
-        let js = sink.context();
-        if env.dead_letter.is_none() {
-            match index
-                .resolve(js, &env.subject, Duration::from_secs(5))
-                .await?
-            {
-                Some(s) if env.delay_seconds == 0 => return Ok(s),
-                Some(s) => match self.schedule_subject(env, &s, index, sink) {
-                    Ok(definition) => {
-                        env.schedule = Some(definition);
-                        return Ok(s);
-                    }
-                    Err(reason) => env.dead_letter = Some(reason),
-                },
-                None => {
-                    env.dead_letter = Some(format!("no stream captures subject {}", env.subject))
-                }
-            }
-        }
-        env.schedule = None;
-        let dlq = format!("{}.{}", self.cfg.routing.dead_letter_prefix, env.subject);
-        let found = index.resolve(js, &dlq, Duration::from_secs(1)).await?;
-        found.ok_or_else(|| {
-            Error::transient(format!("dead-letter subject {dlq} is not captured by any stream")).hint(format!(
-                "create a stream for \"{}.>\" (or add it to [[streams]]); the event is retried until it can be stored",
-                self.cfg.routing.dead_letter_prefix
-            ))
-        })
-    }
-
-    /// The schedule definition subject of delayed `env` in `stream`, or why that stream
-    /// cannot hold it (a dead-letter reason).
-    fn schedule_subject(
-        &self,
-        env: &Envelope,
-        stream: &str,
-        index: &StreamIndex,
-        sink: &Sink,
-    ) -> std::result::Result<String, String> {
-        let prefix = &self.cfg.routing.schedule_prefix;
-        if index.holds_schedules(stream, prefix) {
-            return match index.schedule_limit(stream, env.delay_seconds) {
-                Some(limit) => Err(format!("delay_seconds: {limit}")),
-                None => Ok(sink::schedule::definition_subject(
-                    prefix,
-                    stream,
-                    sink.origin(),
-                    env.pos,
-                )),
-            };
-        }
-        Err(format!(
-            "delay_seconds: stream {stream} (subject {}) cannot hold schedule definitions: it needs \
-             allow_msg_schedules and the subjects {}; declare it in [[streams]] and the relay sets both",
-            env.subject,
-            sink::schedule::stream_filter(prefix, stream)
-        ))
-    }
-
     /// Everything up to `lsn` is delivered. PostgreSQL hears of it once the checkpoint
     /// holding it is saved ([`Session::save_checkpoint`]).
     fn confirm(&mut self, lsn: u64) {
@@ -727,32 +623,22 @@ impl Session<'_> {
             return Err(Error::transient("protocol: event outside a transaction"));
         };
         self.health.event_read();
-        let committed_at_us = open.committed_at_us;
-        let mut envs = self.router.route(event, open.commit_lsn, &mut open.index);
-        if let Some(reason) = refused {
-            for env in envs.iter_mut() {
-                env.dead_letter = Some(reason.clone());
-            }
+        let envs = Placement {
+            routing: &self.cfg.routing,
+            router: self.router,
+            index: &mut st.index,
+            js: sink.context(),
+            origin: sink.origin(),
+            max_payload: st.max_payload,
         }
-        // Decide poison and destination before publishing anything, so a replay
-        // decides the same, reconciliation knows which stream each message went
-        // to, and an all-or-nothing fan-out can be refused as a whole.
-        for env in envs.iter_mut() {
-            if env.dead_letter.is_none() {
-                env.dead_letter = too_large(env, st.max_payload);
-            }
-            env.stream = self.destination(env, &mut st.index, sink).await?;
-            env.committed_at_us = committed_at_us;
-        }
-        let mut envs = self.take_fallbacks(event, envs, st, sink).await?;
-        if let Some(reason) = all_or_nothing_failure(&envs) {
-            for env in envs.iter_mut().filter(|e| e.dead_letter.is_none()) {
-                env.dead_letter = Some(format!(
-                    "all_or_nothing: another target of the event failed: {reason}"
-                ));
-                env.stream = self.destination(env, &mut st.index, sink).await?;
-            }
-        }
+        .place(
+            event,
+            open.commit_lsn,
+            &mut open.index,
+            open.committed_at_us,
+            refused,
+        )
+        .await?;
         for env in envs {
             let ticket = st.tracker.push_message();
             // Proof, not inference: this exact message was read back from a stream.
@@ -786,62 +672,6 @@ impl Session<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Under `best_effort`, a copy found unpublishable here (no stream captures its
-    /// subject, over `max_payload`) is replaced by its route's fallback, as a copy whose
-    /// subject could not be rendered already was by the router; copies that fall back
-    /// share one fallback copy, and a fallback that cannot be published either leaves
-    /// the copy to be dead-lettered. Decided from the event and the streams alone, so a
-    /// replay decides the same.
-    async fn take_fallbacks(
-        &self,
-        event: &decode::OutboxEvent,
-        envs: Vec<Envelope>,
-        st: &mut State,
-        sink: &Sink,
-    ) -> Result<Vec<Envelope>> {
-        // The common case, nothing refused that could fall back: no new vector.
-        let refused = |e: &Envelope| {
-            matches!(e.fallback, FallbackRole::Available(_)) && e.dead_letter.is_some()
-        };
-        if !envs.iter().any(refused) {
-            return Ok(envs);
-        }
-        let fan_out = envs.len() > 1;
-        let mut taken = envs
-            .iter()
-            .any(|e| e.fallback == FallbackRole::Copy && e.dead_letter.is_none());
-        let mut out = Vec::with_capacity(envs.len());
-        for env in envs {
-            let FallbackRole::Available(route) = env.fallback else {
-                out.push(env);
-                continue;
-            };
-            let fb = match env.dead_letter {
-                Some(_) => self.router.fallback_for(event, route, env.pos, fan_out),
-                None => None,
-            };
-            let Some(mut fb) = fb else {
-                out.push(env);
-                continue;
-            };
-            if taken {
-                // One fallback copy per event; this copy's position stays unused.
-                continue;
-            }
-            fb.committed_at_us = env.committed_at_us;
-            fb.dead_letter = too_large(&fb, st.max_payload);
-            fb.stream = self.destination(&mut fb, &mut st.index, sink).await?;
-            if fb.dead_letter.is_some() {
-                out.push(env);
-                continue;
-            }
-            tracing::debug!(subject = %env.subject, fallback = %fb.subject, reason = env.dead_letter.as_deref().unwrap_or(""), "target unpublishable: its route's fallback takes it");
-            taken = true;
-            out.push(fb);
-        }
-        Ok(out)
     }
 
     /// One pgoutput message of the stream (Begin/Commit come pre-parsed).
@@ -914,32 +744,6 @@ mod tests {
                 .iter()
                 .all(|d| *d >= Duration::from_millis(200) && *d <= Duration::from_secs(10)),
             "{delays:?}"
-        );
-    }
-
-    #[test]
-    fn all_or_nothing_fails_as_a_whole_only_when_one_copy_fails() {
-        let env = |aon: bool, dead: Option<&str>| Envelope {
-            pos: Default::default(),
-            subject: "s".into(),
-            headers: Default::default(),
-            payload: Default::default(),
-            dead_letter: dead.map(str::to_string),
-            all_or_nothing: aon,
-            ..Envelope::default()
-        };
-        assert_eq!(
-            all_or_nothing_failure(&[env(true, None), env(true, Some("no stream"))]),
-            Some("no stream".to_string())
-        );
-        assert_eq!(
-            all_or_nothing_failure(&[env(true, None), env(true, None)]),
-            None
-        );
-        assert_eq!(
-            all_or_nothing_failure(&[env(false, None), env(false, Some("x"))]),
-            None,
-            "best effort: only the failing copy is dead-lettered"
         );
     }
 }

@@ -10,6 +10,8 @@
 //!   (slot, publication, migrations, environment checks).
 //! - [`decode`]: pure pgoutput parser, relation cache, row → [`decode::OutboxEvent`].
 //! - [`route`]: pure routing: subject template, rules file, `destination_topics`, headers.
+//! - [`placement`]: per-event decisions: each copy's stream, or why it is dead-lettered
+//!   (size, no stream, schedules, fallbacks, `all_or_nothing`), before publishing.
 //! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.
 //! - [`progress`]: in-order ack tracker → the position safe to confirm.
 //! - [`checkpoint`]: persisted position (NATS KV), bound to the server, and the
@@ -34,6 +36,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod monitor;
+pub mod placement;
 pub mod progress;
 pub mod resume;
 pub mod route;
