@@ -47,19 +47,7 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     opts: RunOptions,
 ) -> Result<()> {
-    let template = Template::parse(&cfg.routing.subject)
-        .map_err(|e| Error::fatal(format!("config key routing.subject: {e}")))?;
-    let prefix = if cfg.routing.subject_prefix.is_empty() {
-        None
-    } else {
-        Some(
-            Template::parse(&cfg.routing.subject_prefix)
-                .map_err(|e| Error::fatal(format!("config key routing.subject_prefix: {e}")))?,
-        )
-    };
-    let router = Router::new(template, &origin(&cfg)?)
-        .with_rules(cfg.routing.load_rules()?)
-        .with_prefix(prefix);
+    let router = router(&cfg)?;
     let mut confirmed: u64 = 0;
     let mut backoff = new_backoff();
     let mut last_error: Option<String> = None;
@@ -196,6 +184,24 @@ struct State {
     checkpoint: Checkpoint,
     /// What earlier sessions stored after the resume position: the proof behind skips.
     reconciler: Reconciler,
+}
+
+/// The router `run` uses: the subject template, the rules file and the enforced
+/// subject prefix of `cfg` (also what `audit` and `replay` route with).
+pub fn router(cfg: &Config) -> Result<Router> {
+    let template = Template::parse(&cfg.routing.subject)
+        .map_err(|e| Error::fatal(format!("config key routing.subject: {e}")))?;
+    let prefix = if cfg.routing.subject_prefix.is_empty() {
+        None
+    } else {
+        Some(
+            Template::parse(&cfg.routing.subject_prefix)
+                .map_err(|e| Error::fatal(format!("config key routing.subject_prefix: {e}")))?,
+        )
+    };
+    Ok(Router::new(template, &origin(cfg)?)
+        .with_rules(cfg.routing.load_rules()?)
+        .with_prefix(prefix))
 }
 
 /// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the

@@ -20,12 +20,15 @@
 //!   handles promotions (pure).
 //! - [`app`]: the supervisor loop and one streaming session (wires the above).
 //! - [`cli`]: `check` and `status` reports.
+//! - [`audit`]: `audit`: the outbox table against what the streams hold, row by row;
+//!   [`replay`]: `replay --fill`, what the audit found missing, once.
 //! - [`monitor`]: SQL-side watch beside a session: slot lag and the lag guard, lost
 //!   slots, heartbeat, retention.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics` and the shared counters.
 //! - `fuzzing` (hidden): the bodies of the fuzz targets in `fuzz/`, whose corpora
 //!   `cargo test` replays.
 pub mod app;
+pub mod audit;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -38,6 +41,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod placement;
 pub mod progress;
+pub mod replay;
 pub mod resume;
 pub mod route;
 pub mod secret;

@@ -45,6 +45,75 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the outbox rows with what the streams hold, row by row: delivered once,
+    /// missing, duplicated, out of order, dead-lettered, in flight. Exit status 1 when
+    /// anything is missing or duplicated, 2 when the audit could not run.
+    Audit {
+        #[command(flatten)]
+        select: Select,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send outbox rows again through the same routing: by default only what `audit`
+    /// finds missing, under the original message id (exactly once).
+    Replay {
+        #[command(flatten)]
+        select: Select,
+        /// Send every selected row again under a new message id `<id>:replay:<run>`,
+        /// instead of only the missing ones (for consumers that rebuild state).
+        #[arg(long, conflicts_with = "fill")]
+        redeliver: bool,
+        /// Only what the audit finds missing, with its original message id (default).
+        #[arg(long)]
+        fill: bool,
+        /// Messages per second at most (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Print what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Which outbox rows `audit` and `replay` look at.
+#[derive(clap::Args)]
+struct Select {
+    /// Rows created at or after this time (`created_at`; any timestamp PostgreSQL reads).
+    #[arg(long)]
+    since: Option<String>,
+    /// Rows created before this time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this tenant's rows.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this aggregate type.
+    #[arg(long)]
+    aggregate: Option<String>,
+    /// Only this event topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only these row ids (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    ids: Vec<String>,
+    /// How long to wait for the relay to confirm past the snapshot before rows not
+    /// found count as in flight rather than missing.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    wait: std::time::Duration,
+}
+
+impl Select {
+    fn window(&self) -> outbox_relay::audit::Window {
+        outbox_relay::audit::Window {
+            since: self.since.clone(),
+            until: self.until.clone(),
+            tenant: self.tenant.clone(),
+            ids: self.ids.clone(),
+            aggregate: self.aggregate.clone(),
+            topic: self.topic.clone(),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -85,6 +154,27 @@ fn main() -> ExitCode {
             Command::Migrate => migrate(cfg).await,
             Command::Check => check(cfg).await,
             Command::Status { json } => status(cfg, json).await,
+            Command::Audit { select, json } => audit(cfg, &select, json).await,
+            Command::Replay {
+                select,
+                redeliver,
+                fill: _,
+                rate,
+                dry_run,
+            } => {
+                let opts = outbox_relay::replay::Options {
+                    mode: if redeliver {
+                        outbox_relay::replay::Mode::Redeliver
+                    } else {
+                        outbox_relay::replay::Mode::Fill
+                    },
+                    window: select.window(),
+                    rate,
+                    dry_run,
+                    wait: select.wait,
+                };
+                replay(cfg, &opts).await
+            }
         }
     })
 }
@@ -237,4 +327,73 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// Progress on stderr: rewritten in place on a terminal, silent otherwise (the report
+/// on stdout is what scripts read).
+fn progress() -> impl FnMut(&str, u64) {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    move |what: &str, n: u64| {
+        if tty {
+            eprint!("\r{what}: {n}        ");
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+async fn audit(cfg: Config, select: &Select, json: bool) -> ExitCode {
+    let report = match outbox_relay::audit::Audit::connect(&cfg).await {
+        Ok(mut a) => {
+            a.run(&select.window(), select.wait, |_, _| {}, progress())
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match report {
+        Ok(r) => {
+            if json {
+                match serde_json::to_string_pretty(&r) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => return fail_with(&Error::fatal(format!("audit: {e}")), 2),
+                }
+            } else {
+                eprintln!();
+                print!("{}", r.text());
+            }
+            if r.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail_with(&e, 2),
+    }
+}
+
+async fn replay(cfg: Config, opts: &outbox_relay::replay::Options) -> ExitCode {
+    match outbox_relay::replay::run(&cfg, opts, progress()).await {
+        Ok(o) => {
+            eprintln!();
+            for line in &o.planned {
+                println!("would send: {line}");
+            }
+            println!(
+                "replay {}: {} {} ({} already stored in the duplicate window), {} in flight left to the relay, {} with no stream",
+                o.run,
+                o.sent,
+                if opts.dry_run { "to send" } else { "sent" },
+                o.duplicates,
+                o.in_flight,
+                o.unplaced
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail_with(e: &Error, code: u8) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(code)
 }

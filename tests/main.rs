@@ -4,6 +4,7 @@
 // see as tests): a failed expectation should panic with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod core;
 mod exactly_once;
 mod faults;
@@ -14,6 +15,7 @@ mod ops;
 mod routing;
 mod scaling;
 mod security;
+mod standby;
 mod support;
 
 /// Self-tests of the test support code: `cargo test --test main selftest`.

@@ -28,6 +28,7 @@
 //! hard crash of the whole server; prefer [`StopMode::Immediate`] for an
 //! ordinary "server crashed" test.
 use std::fs::OpenOptions;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -522,6 +523,444 @@ impl Postgres {
             return Err(format!("port {} still in use after SIGKILL", self.port));
         }
         Ok(())
+    }
+}
+
+// -- physical standbys -----------------------------------------------------------
+
+/// How long a standby may take to catch up, sync a slot or finish a promotion.
+const STANDBY_DEADLINE: Duration = Duration::from_secs(300);
+
+impl Postgres {
+    /// A hot standby of `primary` (which must be running): its own data dir and a new
+    /// free port, streaming from a new physical slot `standby_<n>` on the primary with
+    /// `hot_standby_feedback = on`. On PostgreSQL 17+ also `sync_replication_slots = on`
+    /// (`primary_conninfo` names a database, as slot synchronisation needs), so a
+    /// logical slot created with `failover = true` on the primary gets a synced copy:
+    /// wait for it with [`Postgres::wait_synced_slot`].
+    ///
+    /// The base backup is taken with `pg_basebackup -X stream -R` when a client as new
+    /// as the server is at hand ([`Postgres::tool`]), else (the npm builds of 16+ ship
+    /// no `pg_basebackup`, and an older one refuses a newer server) with the low-level
+    /// API: `pg_backup_start`, a copy of the data dir, `pg_backup_stop` and its
+    /// `backup_label`, the WAL coming from the slot. Either way the settings the
+    /// primary was started with are kept (sockets aside), so the standby also runs with
+    /// `wal_level = logical`. The primary's `pg_hba.conf` must let `postgres` open
+    /// replication connections over TCP from 127.0.0.1 (initdb's default does). Returns
+    /// once the standby accepts read-only connections.
+    pub async fn start_standby_of(primary: &Postgres) -> Postgres {
+        Self::start_standby_with(primary, &[]).await
+    }
+
+    /// [`Postgres::start_standby_of`] with extra `-c name=value` settings that override
+    /// the standby's, e.g. `&[("sync_replication_slots", "off")]`.
+    pub async fn start_standby_with(primary: &Postgres, extra: &[(&str, &str)]) -> Postgres {
+        static NEXT_SLOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let version = primary.version_num().await;
+        let slot = format!(
+            "standby_{}",
+            NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let c = primary.client("postgres").await;
+        c.execute(
+            "SELECT pg_create_physical_replication_slot($1, true)",
+            &[&slot],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create physical slot {slot} on the primary: {e}"));
+
+        let run_as = primary.run_as;
+        let dir = tempfile::Builder::new()
+            .prefix("pg-standby-")
+            .tempdir_in(test_base_dir())
+            .unwrap_or_else(|e| panic!("create temp dir under {}: {e}", test_base_dir().display()));
+        let root = dir.path().to_path_buf();
+        mark_owner(&root);
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", root.display()));
+        }
+        let data = root.join("data");
+        let log = root.join("postgres.log");
+
+        let basebackup = primary.tool("pg_basebackup");
+        let use_basebackup = tool_major(&basebackup).is_some_and(|m| m >= version / 10_000);
+        eprintln!(
+            "standby of the server on port {} (PostgreSQL {version}), slot {slot}: base backup by {}",
+            primary.port,
+            if use_basebackup {
+                "pg_basebackup"
+            } else {
+                "the low-level API"
+            }
+        );
+        if use_basebackup {
+            let mut cmd = Command::new(&basebackup);
+            cmd.arg("-D")
+                .arg(&data)
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+                .args(["-U", "postgres", "-X", "stream", "-R", "-S", &slot])
+                .args(["--checkpoint=fast", "--no-sync"])
+                .current_dir(&root)
+                .stdin(Stdio::null());
+            if let Some((uid, gid)) = run_as {
+                cmd.uid(uid).gid(gid);
+            }
+            let out = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("run {}: {e}", basebackup.display()));
+            assert!(
+                out.status.success(),
+                "pg_basebackup failed ({}):\n{}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            let (start, stop) = if version >= 150_000 {
+                (
+                    "SELECT pg_backup_start('standby', true)::text",
+                    "SELECT labelfile, spcmapfile FROM pg_backup_stop(false)",
+                )
+            } else {
+                (
+                    "SELECT pg_start_backup('standby', true, false)::text",
+                    "SELECT labelfile, spcmapfile FROM pg_stop_backup(false, false)",
+                )
+            };
+            // Start and stop in the same session (a non-exclusive backup).
+            c.query_one(start, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{start}: {e}"));
+            copy_data_dir(&primary.data, &data, true);
+            let row = c
+                .query_one(stop, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{stop}: {e}"));
+            let label: String = row.get(0);
+            let spcmap: Option<String> = row.get(1);
+            write_private(&data.join("backup_label"), label.as_bytes());
+            if let Some(map) = spcmap.filter(|m| !m.is_empty()) {
+                write_private(&data.join("tablespace_map"), map.as_bytes());
+            }
+            write_private(&data.join("standby.signal"), b"");
+            if let Some((uid, gid)) = run_as {
+                chown_tree(&data, uid, gid);
+            }
+        }
+
+        let mut settings: Vec<(String, String)> = primary
+            .settings
+            .iter()
+            .filter(|(k, _)| k != "unix_socket_directories")
+            .cloned()
+            .collect();
+        let mut set = |k: &str, v: String| settings.push((k.to_string(), v));
+        set("unix_socket_directories", root.display().to_string());
+        set(
+            "primary_conninfo",
+            format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}",
+                primary.port
+            ),
+        );
+        set("primary_slot_name", slot.clone());
+        set("hot_standby", "on".into());
+        set("hot_standby_feedback", "on".into());
+        set("wal_receiver_status_interval", "1s".into());
+        if version >= 170_000 {
+            set("sync_replication_slots", "on".into());
+        }
+        for (k, v) in extra {
+            set(k, v.to_string());
+        }
+
+        let mut pg = Postgres {
+            dir: Some(dir),
+            root,
+            data,
+            log,
+            bin: primary.bin.clone(),
+            port: 0,
+            settings,
+            run_as,
+            child: None,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            pg.port = free_port();
+            match pg.spawn_and_wait() {
+                Ok(()) => return pg,
+                Err(SpawnError::PortInUse(_)) if attempt < 5 => continue,
+                Err(SpawnError::PortInUse(msg)) | Err(SpawnError::Other(msg)) => panic!("{msg}"),
+            }
+        }
+    }
+
+    /// `pg_is_in_recovery()`: a standby not (yet) promoted.
+    pub async fn in_recovery(&self) -> bool {
+        self.client("postgres")
+            .await
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .expect("pg_is_in_recovery()")
+            .get(0)
+    }
+
+    /// `pg_current_wal_lsn()` of a primary, as a number.
+    pub async fn current_wal_lsn(&self) -> u64 {
+        let v: i64 = self
+            .client("postgres")
+            .await
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await
+            .expect("pg_current_wal_lsn()")
+            .get(0);
+        v as u64
+    }
+
+    /// Waits until this standby has replayed the primary's WAL up to `lsn`.
+    pub async fn wait_replayed(&self, lsn: u64) {
+        let c = self.client("postgres").await;
+        let c = &c;
+        super::wait_for(
+            &format!("standby on port {} to replay up to {lsn:#x}", self.port),
+            STANDBY_DEADLINE,
+            || async move {
+                c.query_one(
+                    "SELECT coalesce((pg_last_wal_replay_lsn() - '0/0')::bigint, 0)",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) as u64 >= lsn)
+            },
+        )
+        .await;
+    }
+
+    /// PostgreSQL 17+: the `confirmed_flush_lsn` of this standby's synced, persistent
+    /// copy of logical slot `slot` (`None` while there is none).
+    pub async fn synced_slot_confirmed(&self, slot: &str) -> Option<u64> {
+        let row = self
+            .client("postgres")
+            .await
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots
+                 WHERE slot_name = $1 AND synced AND NOT temporary",
+                &[&slot],
+            )
+            .await
+            .expect("synced slot query")?;
+        row.get::<_, Option<i64>>(0).map(|v| v as u64)
+    }
+
+    /// PostgreSQL 17+: waits until this standby holds a synced, persistent copy of
+    /// logical slot `slot` with `confirmed_flush_lsn >= lsn`. Each round logs a
+    /// standby snapshot on `primary` (`pg_log_standby_snapshot()`): a synced slot is
+    /// persisted only once the primary's slot has moved past what the standby
+    /// reserved, which takes decoded running-transactions records.
+    pub async fn wait_synced_slot(&self, primary: &Postgres, slot: &str, lsn: u64) {
+        let standby = self.client("postgres").await;
+        let primary = primary.client("postgres").await;
+        let (standby, primary) = (&standby, &primary);
+        let mut rounds = 0u32;
+        super::wait_for(
+            &format!(
+                "standby on port {} to hold synced slot {slot} at or after {lsn:#x}",
+                self.port
+            ),
+            STANDBY_DEADLINE,
+            || {
+                rounds += 1;
+                let nudge = rounds % 10 == 1;
+                async move {
+                    if nudge {
+                        let _ = primary
+                            .batch_execute("SELECT pg_log_standby_snapshot()")
+                            .await;
+                    }
+                    standby
+                        .query_opt(
+                            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots
+                             WHERE slot_name = $1 AND synced AND NOT temporary",
+                            &[&slot],
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|r| r.get::<_, Option<i64>>(0))
+                        .is_some_and(|v| v as u64 >= lsn)
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Promotes this standby (`pg_promote(true, 60)`) and waits until it is out of
+    /// recovery and accepts writes.
+    pub async fn promote(&self) {
+        let c = self.client("postgres").await;
+        let done: bool = c
+            .query_one("SELECT pg_promote(true, 60)", &[])
+            .await
+            .unwrap_or_else(|e| panic!("pg_promote on port {}: {e}", self.port))
+            .get(0);
+        assert!(
+            done,
+            "pg_promote on port {} did not finish within 60 s; server log:\n{}",
+            self.port,
+            self.log_tail(30)
+        );
+        let c = &c;
+        super::wait_for(
+            &format!("server on port {} to leave recovery", self.port),
+            STANDBY_DEADLINE,
+            || async move {
+                c.query_one("SELECT NOT pg_is_in_recovery()", &[])
+                    .await
+                    .is_ok_and(|r| r.get::<_, bool>(0))
+            },
+        )
+        .await;
+    }
+
+    /// On a promoted server: its timeline and where the timeline before it ended in its
+    /// history (the fork point), from the timeline history file.
+    pub async fn timeline_fork(&self) -> (u32, u64) {
+        let c = self.client("postgres").await;
+        let file: String = c
+            .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
+            .await
+            .expect("pg_walfile_name")
+            .get(0);
+        let tli = u32::from_str_radix(&file[..8], 16).expect("timeline of a WAL file name");
+        let history: String = c
+            .query_one(
+                &format!("SELECT pg_read_file('pg_wal/{tli:08X}.history')"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("timeline {tli} history: {e}"))
+            .get(0);
+        let fork = history
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.split_whitespace();
+                let parent: u32 = parts.next()?.parse().ok()?;
+                let (hi, lo) = parts.next()?.split_once('/')?;
+                let lsn =
+                    (u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?;
+                (parent == tli - 1).then_some(lsn)
+            })
+            .next()
+            .unwrap_or_else(|| panic!("timeline {} not in history {history:?}", tli - 1));
+        (tli, fork)
+    }
+}
+
+/// Major version of a PostgreSQL client tool (`pg_basebackup (PostgreSQL) 15.20 ...`),
+/// `None` when it does not run.
+fn tool_major(tool: &Path) -> Option<i32> {
+    let out = Command::new(tool).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split("(PostgreSQL)")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    version.split('.').next()?.parse().ok()
+}
+
+/// Copies a running server's data dir for a low-level base backup: what
+/// `pg_basebackup` leaves out is left out (the WAL, slots, runtime state, the pid
+/// file), files that vanish during the copy are skipped; dirs get mode 0700, files
+/// keep theirs.
+fn copy_data_dir(src: &Path, dst: &Path, top: bool) {
+    const EMPTY_DIRS: &[&str] = &[
+        "pg_wal",
+        "pg_replslot",
+        "pg_stat_tmp",
+        "pg_dynshmem",
+        "pg_notify",
+        "pg_serial",
+        "pg_snapshots",
+        "pg_subtrans",
+    ];
+    const SKIP_FILES: &[&str] = &[
+        "postmaster.pid",
+        "postmaster.opts",
+        "backup_label",
+        "tablespace_map",
+        "standby.signal",
+        "recovery.signal",
+        "current_logfiles",
+        "backup_manifest",
+    ];
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dst)
+        .unwrap_or_else(|e| panic!("create {}: {e}", dst.display()));
+    let entries = match std::fs::read_dir(src) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => panic!("read {}: {e}", src.display()),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let (from, to) = (entry.path(), dst.join(&name));
+        if kind.is_dir() {
+            if name.starts_with("pgsql_tmp") {
+                continue;
+            }
+            if top && EMPTY_DIRS.contains(&name.as_str()) {
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&to)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
+                if name == "pg_wal" {
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(to.join("archive_status"))
+                        .expect("create pg_wal/archive_status");
+                }
+                continue;
+            }
+            copy_data_dir(&from, &to, false);
+        } else if kind.is_file() {
+            if (top && SKIP_FILES.contains(&name.as_str())) || name == "pg_internal.init" {
+                continue;
+            }
+            match std::fs::copy(&from, &to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("copy {} to {}: {e}", from.display(), to.display()),
+            }
+        }
+    }
+}
+
+/// Writes `contents` to `path` with mode 0600.
+fn write_private(path: &Path, contents: &[u8]) {
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// `chown -R uid:gid path` (no symlinks are followed).
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+            .flatten()
+        {
+            chown_tree(&entry.path(), uid, gid);
+        }
     }
 }
 

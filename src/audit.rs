@@ -1,0 +1,722 @@
+//! `outbox-relay audit`: did every outbox row arrive exactly once? The table is the
+//! source of truth; the streams are compared with it row by row.
+//!
+//! Method (docs/operations.md, "After an incident"):
+//! 1. One REPEATABLE READ snapshot of the table; `pg_current_wal_lsn()` taken in it is
+//!    `S`, above the commit of every row the snapshot sees.
+//! 2. The slot's confirmed position `C` is awaited up to `--wait`: once `C >= S`, every
+//!    row of the snapshot was delivered or should have been. Rows not found while
+//!    `C < S` are *in flight*, not missing (the relay may still deliver them).
+//! 3. The streams this relay writes to (the checkpoint's list, `[[streams]]`, the
+//!    dead-letter streams: the same set a session reads back) are read from start to
+//!    end, keeping this origin's messages: each stream's `Nats-Msg-Id`s as sorted
+//!    128-bit keys (16 bytes per message: 10,000,000 messages fit in 160 MB), positions
+//!    checked for order on the way, dead letters with their reasons.
+//! 4. The snapshot's rows in the window are paged by `(created_at, id)` and routed by
+//!    the same router as `run` (rules, subject prefix, fan-out): every copy's
+//!    `Nats-Msg-Id` is looked up in the stream the index says captures it, else in the
+//!    dead letters. Found once: delivered; more than once: duplicated (the dedup
+//!    window did not cover it); nowhere: missing (or in flight).
+//!
+//! What proves "delivered" here is the exact message id of each copy in the stream
+//! that captures its subject, from this origin: never a count or a later position.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::decode::OutboxEvent;
+use crate::error::{Error, Result};
+use crate::route::{Envelope, Router, headers};
+use crate::sink::streams::{StreamIndex, patterns_overlap, reach};
+use crate::source::admin;
+
+/// How many ids of each kind a report lists (the counts are always complete).
+pub const LIST_LIMIT: usize = 20;
+
+/// Rows read per page of the snapshot.
+const PAGE_ROWS: i64 = 10_000;
+
+/// Which rows to audit.
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    /// `created_at >= since` (a timestamp PostgreSQL understands).
+    pub since: Option<String>,
+    /// `created_at < until`.
+    pub until: Option<String>,
+    /// Only this tenant's rows (the mapped `tenant_id` column).
+    pub tenant: Option<String>,
+    /// Only these row ids.
+    pub ids: Vec<String>,
+    /// Only this aggregate type (the mapped `aggregate_type` column).
+    pub aggregate: Option<String>,
+    /// Only this event topic.
+    pub topic: Option<String>,
+}
+
+/// Ids of one kind: how many, and the first [`LIST_LIMIT`].
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Ids {
+    pub count: u64,
+    pub first: Vec<String>,
+}
+
+impl Ids {
+    fn add(&mut self, id: &str) {
+        self.count += 1;
+        if self.first.len() < LIST_LIMIT {
+            self.first.push(id.to_string());
+        }
+    }
+}
+
+/// One stream's part of the report.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StreamReport {
+    /// Copies routed to this stream and stored exactly once.
+    pub delivered_once: u64,
+    pub missing: Ids,
+    pub in_flight: Ids,
+    pub duplicated: Ids,
+    /// Messages of this origin whose position is lower than the one before them.
+    pub out_of_order: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Report {
+    pub origin: String,
+    /// Rows in the window.
+    pub rows: u64,
+    /// `S`: the snapshot's WAL position.
+    pub snapshot_lsn: String,
+    /// `C`: the slot's confirmed position when the streams were read (None: no slot).
+    pub confirmed_lsn: Option<String>,
+    pub streams: BTreeMap<String, StreamReport>,
+    /// Dead-lettered copies, by reason.
+    pub dead_lettered: BTreeMap<String, Ids>,
+    /// Rows the routing sends nowhere (rules with no matching target).
+    pub routed_nowhere: Ids,
+    /// Copies whose subject no stream captures and that are not in the dead letters
+    /// either (a dead-letter stream missing, or the copy lost).
+    pub unplaced: Ids,
+}
+
+impl Report {
+    pub fn missing(&self) -> u64 {
+        self.streams.values().map(|s| s.missing.count).sum::<u64>() + self.unplaced.count
+    }
+    pub fn duplicated(&self) -> u64 {
+        self.streams.values().map(|s| s.duplicated.count).sum()
+    }
+    /// Clean: nothing missing, nothing doubled.
+    pub fn clean(&self) -> bool {
+        self.missing() == 0 && self.duplicated() == 0
+    }
+
+    /// The report for a terminal or a log.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "audit of {} rows from {} (snapshot at {}, slot confirmed at {})\n",
+            self.rows,
+            self.origin,
+            self.snapshot_lsn,
+            self.confirmed_lsn.as_deref().unwrap_or("- (no slot)")
+        );
+        let list = |ids: &Ids| {
+            let more = ids.count.saturating_sub(ids.first.len() as u64);
+            let mut s = ids.first.join(", ");
+            if more > 0 {
+                s.push_str(&format!(" and {more} more"));
+            }
+            s
+        };
+        for (name, s) in &self.streams {
+            out.push_str(&format!(
+                "stream {name}: {} delivered once, {} missing, {} duplicated, {} in flight, {} out of order\n",
+                s.delivered_once, s.missing.count, s.duplicated.count, s.in_flight.count, s.out_of_order
+            ));
+            for (what, ids) in [
+                ("missing", &s.missing),
+                ("duplicated", &s.duplicated),
+                ("in flight", &s.in_flight),
+            ] {
+                if ids.count > 0 {
+                    out.push_str(&format!("  {what}: {}\n", list(ids)));
+                }
+            }
+        }
+        for (reason, ids) in &self.dead_lettered {
+            out.push_str(&format!(
+                "dead-lettered ({reason}): {}: {}\n",
+                ids.count,
+                list(ids)
+            ));
+        }
+        if self.routed_nowhere.count > 0 {
+            out.push_str(&format!(
+                "routed nowhere (no rules target matches): {}: {}\n",
+                self.routed_nowhere.count,
+                list(&self.routed_nowhere)
+            ));
+        }
+        if self.unplaced.count > 0 {
+            out.push_str(&format!(
+                "missing, and no stream captures their subject: {}: {}\n",
+                self.unplaced.count,
+                list(&self.unplaced)
+            ));
+        }
+        out.push_str(&if self.clean() {
+            "result: clean: every row in the window arrived exactly once (or is dead-lettered with its reason)\n".to_string()
+        } else {
+            format!(
+                "result: {} missing, {} duplicated: `outbox-relay replay --fill` sends what is missing, once\n",
+                self.missing(),
+                self.duplicated()
+            )
+        });
+        out
+    }
+}
+
+/// A message id as 128 bits: a UUID's own value, anything else hashed (two SipHash
+/// halves with different keys; a collision could only hide a missing row behind
+/// another id, at odds of about n² / 2¹²⁹).
+pub fn key(id: &str) -> u128 {
+    if id.len() == 36 {
+        let hex: String = id.chars().filter(|c| *c != '-').collect();
+        if hex.len() == 32
+            && let Ok(v) = u128::from_str_radix(&hex, 16)
+        {
+            return v;
+        }
+    }
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        id.hash(&mut h);
+        h.finish() as u128
+    };
+    (half(0x5eed) << 64) | half(0xbeef)
+}
+
+/// What the streams hold for this origin.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// Per stream, its messages' keys, sorted (a key twice: stored twice).
+    streams: BTreeMap<String, Vec<u128>>,
+    /// Per stream, positions that went backwards.
+    out_of_order: BTreeMap<String, u64>,
+    /// Dead letters: key → reason.
+    dead: HashMap<u128, String>,
+}
+
+impl Stored {
+    fn count(&self, stream: &str, k: u128) -> usize {
+        self.streams.get(stream).map_or(0, |keys| {
+            let lo = keys.partition_point(|x| *x < k);
+            let hi = keys.partition_point(|x| *x <= k);
+            hi - lo
+        })
+    }
+}
+
+/// The streams a session reads back: the checkpoint's list, `[[streams]]`, and every
+/// stream capturing the dead-letter subjects.
+pub fn streams_written(
+    cfg: &Config,
+    listed: &BTreeSet<String>,
+    index: &StreamIndex,
+) -> BTreeSet<String> {
+    let mut out = listed.clone();
+    out.extend(cfg.streams.iter().map(|s| s.name.clone()));
+    let dlq = format!("{}.>", cfg.routing.dead_letter_prefix);
+    out.extend(
+        index
+            .filters()
+            .iter()
+            .filter(|(f, _)| patterns_overlap(f, &dlq))
+            .map(|(_, s)| s.clone()),
+    );
+    out
+}
+
+/// Read every message of `origin` in `streams`.
+pub async fn read_streams(
+    js: &jetstream::Context,
+    streams: &BTreeSet<String>,
+    origin: &str,
+    dlq_prefix: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<Stored> {
+    let mut stored = Stored::default();
+    let dlq = format!("{dlq_prefix}.");
+    let mut read = 0u64;
+    for name in streams {
+        let mut stream = match js.get_stream(name).await {
+            Ok(s) => s,
+            Err(e) if e.to_string().contains("not found") => continue,
+            Err(e) => return Err(Error::transient(format!("stream {name}: {e}"))),
+        };
+        let total = stream
+            .info()
+            .await
+            .map_err(|e| Error::transient(format!("stream {name}: {e}")))?
+            .state
+            .last_sequence;
+        let keys = stored.streams.entry(name.clone()).or_default();
+        let mut last_pos = None;
+        let mut backwards = 0u64;
+        if total > 0 {
+            let consumer = stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+                .await
+                .map_err(|e| Error::transient(format!("read stream {name}: {e}")))?;
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| Error::transient(format!("read stream {name}: {e}")))?;
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                    .await
+                    .map_err(|_| {
+                        Error::transient(format!("read stream {name}: no message within 30 s"))
+                    })?;
+                let Some(msg) = next else { break };
+                let msg = msg.map_err(|e| Error::transient(format!("read stream {name}: {e}")))?;
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(total);
+                read += 1;
+                if read.is_multiple_of(10_000) {
+                    progress(read);
+                }
+                if let Some(h) = &msg.headers
+                    && h.get(headers::ORIGIN).is_some_and(|v| v.as_str() == origin)
+                    && let Some(id) = h
+                        .get(crate::replay::REPLAY_OF)
+                        .or_else(|| h.get(headers::MSG_ID))
+                {
+                    let k = key(id.as_str());
+                    if msg.subject.starts_with(&dlq) {
+                        let reason = h.get(headers::DLQ_REASON).map_or("unknown", |v| v.as_str());
+                        stored.dead.insert(k, reason_kind(reason));
+                    } else {
+                        keys.push(k);
+                        if let (Some(lsn), Some(index)) =
+                            (h.get(headers::COMMIT_LSN), h.get(headers::TX_INDEX))
+                            && let Some(lsn) = crate::checkpoint::parse_lsn(lsn.as_str())
+                            && let Ok(index) = index.as_str().parse::<u32>()
+                            && h.get(async_nats::header::NATS_SCHEDULER).is_none()
+                        {
+                            if last_pos.is_some_and(|p| (lsn, index) < p) {
+                                backwards += 1;
+                            }
+                            last_pos = Some((lsn, index));
+                        }
+                    }
+                }
+                if seq >= total {
+                    break;
+                }
+            }
+        }
+        keys.sort_unstable();
+        stored.out_of_order.insert(name.clone(), backwards);
+    }
+    progress(read);
+    Ok(stored)
+}
+
+/// A dead-letter reason without what differs per event (ids, sizes), so reasons group.
+fn reason_kind(reason: &str) -> String {
+    let cut = reason.find([':', '(']).unwrap_or(reason.len()).min(80);
+    reason[..cut].trim().to_string()
+}
+
+/// The SQL of one page of the window: every mapped column as text, after `(created_at,
+/// id)` of the previous page. Parameters: $1, $2 the last row's `(created_at, id)`, $3
+/// the page size, $4 since, $5 until, $6 tenant, $7 ids, $8 aggregate type, $9 topic
+/// (each NULL or empty: no filter).
+fn page_sql(cfg: &Config, window: &Window) -> Result<String> {
+    let c = &cfg.outbox.columns;
+    if c.created_at.is_empty() {
+        return Err(
+            Error::fatal("audit: the outbox table has no created_at column mapped")
+                .hint("set outbox.columns.created_at: the audit pages the table by it"),
+        );
+    }
+    if window.tenant.is_some() && c.tenant_id.is_empty() {
+        return Err(Error::fatal("audit: --tenant needs a tenant_id column")
+            .hint("set outbox.columns.tenant_id"));
+    }
+    if window.aggregate.is_some() && c.aggregate_type.is_empty() {
+        return Err(
+            Error::fatal("audit: --aggregate needs an aggregate_type column")
+                .hint("set outbox.columns.aggregate_type"),
+        );
+    }
+    let (schema, table) = cfg.outbox.qualified();
+    let table = format!(
+        "{}.{}",
+        admin::quote_ident(&schema),
+        admin::quote_ident(&table)
+    );
+    let col = |name: &str| {
+        if name.is_empty() {
+            "NULL::text".to_string()
+        } else {
+            format!("{}::text", admin::quote_ident(name))
+        }
+    };
+    let created = admin::quote_ident(&c.created_at);
+    let id = admin::quote_ident(&c.id);
+    let filter = |param: &str, column: &str| {
+        if column.is_empty() {
+            format!("{param}::text IS NULL")
+        } else {
+            format!(
+                "({param}::text IS NULL OR {}::text = {param}::text)",
+                admin::quote_ident(column)
+            )
+        }
+    };
+    let tenant = filter("$6", &c.tenant_id);
+    let aggregate = filter("$8", &c.aggregate_type);
+    let topic = filter("$9", &c.event_topic);
+    let cols = [
+        &c.id,
+        &c.event_topic,
+        &c.payload,
+        &c.aggregate_type,
+        &c.aggregate_id,
+        &c.tenant_id,
+        &c.source_bc,
+        &c.destination_topics,
+        &c.schema_id,
+        &c.schema_version,
+        &c.metadata,
+        &c.occurred_at,
+        &c.created_at,
+    ]
+    .map(|n| col(n))
+    .join(", ");
+    Ok(format!(
+        "SELECT {cols} FROM {table} \
+         WHERE ({created}, {id}::text) > ($1::text::timestamptz, $2::text) \
+           AND ($4::text IS NULL OR {created} >= $4::text::timestamptz) \
+           AND ($5::text IS NULL OR {created} < $5::text::timestamptz) \
+           AND {tenant} AND {aggregate} AND {topic} \
+           AND (cardinality($7::text[]) = 0 OR {id}::text = ANY($7::text[])) \
+         ORDER BY {created}, {id}::text LIMIT $3::bigint"
+    ))
+}
+
+fn event_of(row: &tokio_postgres::Row) -> OutboxEvent {
+    let get = |i: usize| -> Option<bytes::Bytes> {
+        row.get::<_, Option<String>>(i).map(bytes::Bytes::from)
+    };
+    OutboxEvent {
+        id: get(0).unwrap_or_default(),
+        event_topic: get(1).unwrap_or_default(),
+        payload: get(2).unwrap_or_default(),
+        aggregate_type: get(3),
+        aggregate_id: get(4),
+        tenant_id: get(5),
+        source_bc: get(6),
+        destination_topics: get(7),
+        schema_id: get(8),
+        schema_version: get(9),
+        metadata: get(10),
+        occurred_at: get(11),
+        created_at: get(12),
+    }
+}
+
+fn stream_entry<'a>(r: &'a mut Report, stream: &Option<String>) -> &'a mut StreamReport {
+    r.streams
+        .entry(stream.clone().unwrap_or_default())
+        .or_default()
+}
+
+/// One row's copies as the relay would publish them (positions unknown: 0).
+pub fn copies(router: &Router, event: &OutboxEvent) -> Vec<Envelope> {
+    let mut index = 0;
+    router.route(event, 0, &mut index)
+}
+
+/// The `Nats-Msg-Id` of a copy.
+pub fn msg_id(env: &Envelope) -> &str {
+    env.headers.get(headers::MSG_ID).map_or("", |v| v.as_str())
+}
+
+/// Where one copy is: what the audit concluded for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Once,
+    Duplicated,
+    DeadLettered(String),
+    /// Not stored anywhere; `in_flight`: the relay has not confirmed past the snapshot.
+    Missing {
+        in_flight: bool,
+    },
+    /// No stream captures its subject and it is not in the dead letters.
+    Unplaced,
+}
+
+/// The verdict for one copy.
+pub fn verdict(
+    env: &Envelope,
+    index: &mut StreamIndex,
+    stored: &Stored,
+    settled: bool,
+) -> (Option<String>, Verdict) {
+    let k = key(msg_id(env));
+    let stream = if env.dead_letter.is_none() {
+        index.stream_of(&env.subject)
+    } else {
+        None
+    };
+    if let Some(s) = &stream {
+        match stored.count(s, k) {
+            0 => {}
+            1 => return (stream, Verdict::Once),
+            _ => return (stream, Verdict::Duplicated),
+        }
+    }
+    if let Some(reason) = stored.dead.get(&k) {
+        return (stream, Verdict::DeadLettered(reason.clone()));
+    }
+    match stream {
+        Some(s) => (
+            Some(s),
+            Verdict::Missing {
+                in_flight: !settled,
+            },
+        ),
+        None => (None, Verdict::Unplaced),
+    }
+}
+
+/// Everything the audit needs, connected.
+pub struct Audit {
+    pub cfg: Config,
+    pub origin: String,
+    pub router: Router,
+    pub js: jetstream::Context,
+    pub index: StreamIndex,
+    pub sql: tokio_postgres::Client,
+}
+
+impl Audit {
+    pub async fn connect(cfg: &Config) -> Result<Audit> {
+        let origin = crate::app::origin(cfg)?;
+        let router = crate::app::router(cfg)?;
+        let client = crate::sink::connect(cfg).await?;
+        let js = crate::sink::jetstream(client, cfg);
+        let index = StreamIndex::load(&js, reach(cfg)).await?;
+        let sql = admin::connect(cfg).await?;
+        Ok(Audit {
+            cfg: cfg.clone(),
+            origin,
+            router,
+            js,
+            index,
+            sql,
+        })
+    }
+
+    /// The rows of `window`, read now (no snapshot; for the few rows a replay sends).
+    pub async fn rows(&self, window: &Window) -> Result<Vec<OutboxEvent>> {
+        let sql = page_sql(&self.cfg, window)?;
+        let rows = self
+            .sql
+            .query(
+                &sql,
+                &[
+                    &"-infinity",
+                    &"",
+                    &i64::MAX,
+                    &window.since,
+                    &window.until,
+                    &window.tenant,
+                    &window.ids,
+                    &window.aggregate,
+                    &window.topic,
+                ],
+            )
+            .await
+            .map_err(|e| crate::error::from_pg(&e).context("replay"))?;
+        Ok(rows.iter().map(event_of).collect())
+    }
+
+    /// Audit `window`; `each` sees every row's copies with their verdicts (replay uses
+    /// it to pick what to send), `progress` a count of rows and messages read.
+    pub async fn run(
+        &mut self,
+        window: &Window,
+        wait: Duration,
+        mut each: impl FnMut(&OutboxEvent, &[(Envelope, Option<String>, Verdict)]),
+        mut progress: impl FnMut(&str, u64),
+    ) -> Result<Report> {
+        let sql_err = |e: tokio_postgres::Error| crate::error::from_pg(&e).context("audit");
+        // One snapshot for the whole audit (plain statements, so the slot can be read
+        // on the same connection: pg_replication_slots is live, not snapshotted).
+        self.sql
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(sql_err)?;
+        let tx = &self.sql;
+        // The snapshot is taken by this first statement: every row it sees committed
+        // before the WAL position it returns.
+        let snapshot: String = tx
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(sql_err)?
+            .get(0);
+        let s = crate::checkpoint::parse_lsn(&snapshot).unwrap_or(u64::MAX);
+        let deadline = tokio::time::Instant::now() + wait;
+        let confirmed = loop {
+            let c = admin::slot_info(&self.sql, &self.cfg.postgres.slot)
+                .await?
+                .and_then(|i| i.confirmed_flush_lsn)
+                .and_then(|l| crate::checkpoint::parse_lsn(&l));
+            if c.is_none_or(|c| c >= s) || tokio::time::Instant::now() >= deadline {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        // No slot: nothing more will be delivered, so nothing is in flight.
+        let settled = confirmed.is_none_or(|c| c >= s);
+        let listed = crate::checkpoint::Checkpoint::peek(
+            &self.js,
+            &self.cfg.checkpoint.bucket,
+            &self.origin,
+        )
+        .await?
+        .map(|r| r.streams)
+        .unwrap_or_default();
+        let streams = streams_written(&self.cfg, &listed, &self.index);
+        let stored = read_streams(
+            &self.js,
+            &streams,
+            &self.origin,
+            &self.cfg.routing.dead_letter_prefix,
+            |n| progress("messages read", n),
+        )
+        .await?;
+        let mut report = Report {
+            origin: self.origin.clone(),
+            snapshot_lsn: snapshot,
+            confirmed_lsn: confirmed.map(crate::route::format_lsn),
+            ..Report::default()
+        };
+        for (name, n) in &stored.out_of_order {
+            report.streams.entry(name.clone()).or_default().out_of_order = *n;
+        }
+        let sql = page_sql(&self.cfg, window)?;
+        let statement = tx.prepare(&sql).await.map_err(sql_err)?;
+        let mut after: (String, String) = ("-infinity".into(), String::new());
+        loop {
+            let rows = tx
+                .query(
+                    &statement,
+                    &[
+                        &after.0,
+                        &after.1,
+                        &PAGE_ROWS,
+                        &window.since,
+                        &window.until,
+                        &window.tenant,
+                        &window.ids,
+                        &window.aggregate,
+                        &window.topic,
+                    ],
+                )
+                .await
+                .map_err(sql_err)?;
+            let Some(last) = rows.last() else { break };
+            after = (last.get(12), last.get(0));
+            for row in &rows {
+                let event = event_of(row);
+                let id = String::from_utf8_lossy(&event.id).into_owned();
+                report.rows += 1;
+                let envs = copies(&self.router, &event);
+                if envs.is_empty() {
+                    report.routed_nowhere.add(&id);
+                }
+                let mut judged = Vec::with_capacity(envs.len());
+                for env in envs {
+                    let (stream, v) = verdict(&env, &mut self.index, &stored, settled);
+                    match &v {
+                        Verdict::Once => stream_entry(&mut report, &stream).delivered_once += 1,
+                        Verdict::Duplicated => {
+                            stream_entry(&mut report, &stream).duplicated.add(&id)
+                        }
+                        Verdict::Missing { in_flight: true } => {
+                            stream_entry(&mut report, &stream).in_flight.add(&id)
+                        }
+                        Verdict::Missing { in_flight: false } => {
+                            stream_entry(&mut report, &stream).missing.add(&id)
+                        }
+                        Verdict::DeadLettered(reason) => report
+                            .dead_lettered
+                            .entry(reason.clone())
+                            .or_default()
+                            .add(&id),
+                        Verdict::Unplaced => report.unplaced.add(&id),
+                    }
+                    judged.push((env, stream, v));
+                }
+                each(&event, &judged);
+            }
+            progress("rows audited", report.rows);
+            if (rows.len() as i64) < PAGE_ROWS {
+                break;
+            }
+        }
+        self.sql.batch_execute("ROLLBACK").await.map_err(sql_err)?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_keys_are_their_value_and_others_are_hashed_stably() {
+        assert_eq!(key("00000000-0000-0000-0000-00000000000a"), 10);
+        assert_eq!(key("order-17"), key("order-17"));
+        assert_ne!(key("order-17"), key("order-18"));
+        assert_ne!(key("00000000-0000-0000-0000-00000000000a:1"), 10);
+    }
+
+    #[test]
+    fn stored_counts_duplicates() {
+        let mut s = Stored::default();
+        s.streams.insert("S".into(), vec![1, 2, 2, 5]);
+        assert_eq!(s.count("S", 2), 2);
+        assert_eq!(s.count("S", 5), 1);
+        assert_eq!(s.count("S", 3), 0);
+        assert_eq!(s.count("T", 1), 0);
+    }
+
+    #[test]
+    fn reasons_group_without_their_details() {
+        assert_eq!(
+            reason_kind(
+                "jetstream refused the message (10054): message size exceeds maximum allowed"
+            ),
+            "jetstream refused the message"
+        );
+        assert_eq!(
+            reason_kind("no stream captures subject a.b"),
+            "no stream captures subject a.b"
+        );
+    }
+}

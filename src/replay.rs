@@ -1,0 +1,298 @@
+//! `outbox-relay replay`: send rows of the outbox table again, through the same router.
+//!
+//! - `--fill` (the default): only the copies the audit ([`crate::audit`]) finds
+//!   missing, under their original `Nats-Msg-Id`, so the result is exactly once: what
+//!   is stored is never sent again (the audit proved it is there), what is sent twice
+//!   by two fills within the stream's duplicate window is dropped by JetStream. A fill
+//!   killed halfway is resumed by running it again: it audits first, so it sends only
+//!   what is still missing. Rows the relay has not confirmed yet (in flight) are left
+//!   to the relay.
+//! - `--redeliver`: every selected row again, under the new id `<id>:replay:<run>`, for
+//!   consumers that rebuild state.
+//!
+//! Every message carries `Outbox-Replay: <run id>` and no position headers (a replayed
+//! message has no place in the commit order; the relay's read-back and the audit's
+//! order check ignore messages without a position). The slot is never touched, so a
+//! replay runs beside `run`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::{HeaderMap, HeaderName};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use serde::Serialize;
+
+use crate::audit::{self, Audit, Verdict, Window};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::route::{Envelope, headers};
+
+/// The header naming the replay run that sent a message.
+pub const REPLAY: &str = "Outbox-Replay";
+
+/// On a filled message sent under another id (its own id was still in the stream's
+/// duplicate window, held by a message since deleted): the id it stands for.
+pub const REPLAY_OF: &str = "Outbox-Replay-Of";
+
+/// PubAcks awaited at once.
+const WINDOW: usize = 256;
+
+/// Row ids fetched per query in the second pass.
+const ID_CHUNK: usize = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Fill,
+    Redeliver,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    pub window: Window,
+    /// Messages per second at most (0: unlimited).
+    pub rate: u64,
+    pub dry_run: bool,
+    /// How long to wait for the relay to confirm past the audit's snapshot.
+    pub wait: Duration,
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Serialize)]
+pub struct Outcome {
+    pub run: String,
+    /// Messages sent (or, with `--dry-run`, that would be).
+    pub sent: u64,
+    /// Of those, dropped by JetStream as duplicates (already stored in the window).
+    pub duplicates: u64,
+    /// Copies left alone: the relay has not confirmed past them yet.
+    pub in_flight: u64,
+    /// Copies that would go nowhere: no stream captures their subject.
+    pub unplaced: u64,
+    /// `subject id` of each message, with `--dry-run` (the first 1,000).
+    pub planned: Vec<String>,
+}
+
+/// A new run id: time and process, unique enough to tell runs apart in headers.
+fn run_id() -> String {
+    format!("{}-{}", crate::metrics::now_ms(), std::process::id())
+}
+
+/// The copy as replayed: `Outbox-Replay`, no position headers, the id of the mode.
+fn replayed(env: &Envelope, run: &str, mode: Mode) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in env.headers.iter() {
+        let n: &str = name.as_ref();
+        if n == headers::COMMIT_LSN || n == headers::TX_INDEX {
+            continue;
+        }
+        for v in values {
+            if mode == Mode::Redeliver && n == headers::MSG_ID {
+                out.append(
+                    HeaderName::from_static(headers::MSG_ID),
+                    headers::value(&format!("{}:replay:{run}", v.as_str())),
+                );
+            } else {
+                out.append(name.clone(), v.clone());
+            }
+        }
+    }
+    out.insert(HeaderName::from_static(REPLAY), headers::value(run));
+    out
+}
+
+/// Run a replay.
+pub async fn run(
+    cfg: &Config,
+    opts: &Options,
+    mut progress: impl FnMut(&str, u64),
+) -> Result<Outcome> {
+    let mut a = Audit::connect(cfg).await?;
+    let run = run_id();
+    let mut outcome = Outcome {
+        run: run.clone(),
+        ..Outcome::default()
+    };
+    // First pass: which rows, and for `--fill` which of their copies (by message id).
+    let mut rows: Vec<String> = Vec::new();
+    let mut wanted: HashSet<String> = HashSet::new();
+    let mode = opts.mode;
+    let mut in_flight = 0u64;
+    let mut unplaced = 0u64;
+    a.run(
+        &opts.window,
+        opts.wait,
+        |event, judged| {
+            let mut take = false;
+            for (env, _, v) in judged {
+                let send = match v {
+                    Verdict::Missing { in_flight: false } => true,
+                    Verdict::Missing { in_flight: true } => {
+                        in_flight += 1;
+                        false
+                    }
+                    Verdict::Unplaced => {
+                        unplaced += 1;
+                        false
+                    }
+                    _ => mode == Mode::Redeliver,
+                };
+                if send {
+                    wanted.insert(audit::msg_id(env).to_string());
+                    take = true;
+                }
+            }
+            if take {
+                rows.push(String::from_utf8_lossy(&event.id).into_owned());
+            }
+        },
+        &mut progress,
+    )
+    .await?;
+    outcome.in_flight = in_flight;
+    outcome.unplaced = unplaced;
+    // Second pass: those rows again, routed, and their wanted copies sent.
+    let mut pending: Pending = FuturesOrdered::new();
+    let began = tokio::time::Instant::now();
+    for chunk in rows.chunks(ID_CHUNK) {
+        let window = Window {
+            ids: chunk.to_vec(),
+            ..Window::default()
+        };
+        let events = a.rows(&window).await?;
+        for event in events {
+            for env in audit::copies(&a.router, &event) {
+                let id = audit::msg_id(&env).to_string();
+                if !wanted.contains(&id) {
+                    continue;
+                }
+                let Some(stream) = a.index.stream_of(&env.subject) else {
+                    continue;
+                };
+                if env.dead_letter.is_some() {
+                    continue;
+                }
+                if opts.dry_run {
+                    if outcome.planned.len() < 1_000 {
+                        outcome
+                            .planned
+                            .push(format!("{} {stream} {id}", env.subject));
+                    }
+                    outcome.sent += 1;
+                    continue;
+                }
+                if opts.rate > 0 {
+                    tokio::time::sleep_until(
+                        began + Duration::from_secs_f64(outcome.sent as f64 / opts.rate as f64),
+                    )
+                    .await;
+                }
+                let msg = Outgoing {
+                    subject: env.subject.clone(),
+                    headers: replayed(&env, &run, opts.mode),
+                    payload: env.payload.clone(),
+                    stream,
+                };
+                let ack = publish(&a.js, &msg).await?;
+                pending.push_back(Box::pin(async move { (ack.await, msg) }));
+                outcome.sent += 1;
+                if pending.len() >= WINDOW {
+                    settle(&a.js, &mut pending, &mut outcome, &run).await?;
+                }
+                if outcome.sent.is_multiple_of(1_000) {
+                    progress("messages sent", outcome.sent);
+                }
+            }
+        }
+    }
+    while !pending.is_empty() {
+        settle(&a.js, &mut pending, &mut outcome, &run).await?;
+    }
+    progress("messages sent", outcome.sent);
+    Ok(outcome)
+}
+
+/// One replayed message.
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+    /// The stream the index says captures it.
+    stream: String,
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    msg: &Outgoing,
+) -> Result<jetstream::context::PublishAckFuture> {
+    js.publish_with_headers(
+        msg.subject.clone(),
+        msg.headers.clone(),
+        msg.payload.clone(),
+    )
+    .await
+    .map_err(|e| Error::transient(format!("replay: publish {}: {e}", msg.subject)))
+}
+
+type AckResult =
+    std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError>;
+type Pending = FuturesOrdered<
+    std::pin::Pin<Box<dyn std::future::Future<Output = (AckResult, Outgoing)> + Send>>,
+>;
+
+fn no_ack(e: jetstream::context::PublishError) -> Error {
+    Error::transient(format!("replay: no PubAck: {e}"))
+        .hint("run the same replay again: it sends only what is still missing")
+}
+
+/// Await the oldest PubAck. JetStream calls a message a duplicate when its id is in the
+/// stream's duplicate window, also when the message stored under it was deleted or
+/// purged since (what the audit found missing): then the stored sequence it names
+/// holds no such message, and the copy is sent again under `<id>:fill:<run>`, with
+/// `Outbox-Replay-Of: <id>` naming the original for the audit.
+async fn settle(
+    js: &jetstream::Context,
+    pending: &mut Pending,
+    outcome: &mut Outcome,
+    run: &str,
+) -> Result<()> {
+    let Some((ack, msg)) = pending.next().await else {
+        return Ok(());
+    };
+    let ack = ack.map_err(no_ack)?;
+    if !ack.duplicate {
+        return Ok(());
+    }
+    let id = msg
+        .headers
+        .get(headers::MSG_ID)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let stored = match js.get_stream(&msg.stream).await {
+        Ok(s) => s
+            .get_raw_message(ack.sequence)
+            .await
+            .ok()
+            .and_then(|m| m.headers.get(headers::MSG_ID).map(|v| v.as_str() == id))
+            .unwrap_or(false),
+        Err(_) => false,
+    };
+    if stored {
+        outcome.duplicates += 1;
+        return Ok(());
+    }
+    let mut again = msg;
+    again.headers.insert(
+        HeaderName::from_static(headers::MSG_ID),
+        headers::value(&format!("{id}:fill:{run}")),
+    );
+    again
+        .headers
+        .insert(HeaderName::from_static(REPLAY_OF), headers::value(&id));
+    if publish(js, &again).await?.await.map_err(no_ack)?.duplicate {
+        outcome.duplicates += 1;
+    }
+    Ok(())
+}
