@@ -29,12 +29,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::route::{Envelope, headers};
 
-/// The header naming the replay run that sent a message.
-pub const REPLAY: &str = "Outbox-Replay";
-
-/// On a filled message sent under another id (its own id was still in the stream's
-/// duplicate window, held by a message since deleted): the id it stands for.
-pub const REPLAY_OF: &str = "Outbox-Replay-Of";
+pub use crate::route::headers::{REPLAY, REPLAY_OF};
 
 /// PubAcks awaited at once.
 const WINDOW: usize = 256;

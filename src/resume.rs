@@ -147,8 +147,9 @@ pub fn missing_slot(slot: &str, known: u64) -> Error {
 
 fn gap_hint(what: &str, known: u64) -> String {
     format!(
-        "{what}: refill the events committed after {} from the outbox table (docs/operations.md, \
-         \"a slot that starts after the checkpoint\"), then start once with `outbox-relay run --accept-slot-gap`",
+        "{what}; then start once with `outbox-relay run --accept-slot-gap` (it creates a missing slot \
+         and streams), and send the events committed after {} from the outbox table with \
+         `outbox-relay audit` and `outbox-relay replay --fill` (docs/operations.md, \"after an incident\")",
         format_lsn(known)
     )
 }

@@ -145,9 +145,18 @@ async fn a_slot_gap_is_named_row_by_row_and_filled() {
     assert_eq!(ids_of(&s["missing"]), gap);
     assert_eq!(s["delivered_once"], 25);
 
+    // The text report, as docs/operations.md shows it.
+    let text = env.cli(&["audit", "--wait", "60s"]);
+    assert_eq!(text.status.code(), Some(1), "{}", text.text());
+    assert!(text.stdout.contains("10 missing"), "{}", text.text());
+    eprintln!("$ outbox-relay audit\n{}", text.stdout);
     let out = env.cli(&["replay", "--fill", "--wait", "60s"]);
     assert!(out.status.success(), "{}", out.text());
     assert!(out.stdout.contains(": 10 sent"), "{}", out.text());
+    eprintln!("$ outbox-relay replay --fill\n{}", out.stdout);
+    let text = env.cli(&["audit", "--wait", "60s"]);
+    assert!(text.status.success(), "{}", text.text());
+    eprintln!("$ outbox-relay audit\n{}", text.stdout);
     let (report, code) = audit(&env);
     assert_eq!(code, 0, "{report:#}");
     assert_stream_matches_table(&env).await;

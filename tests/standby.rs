@@ -514,16 +514,10 @@ async fn relay_waits_for_the_standby_to_be_promoted() {
 /// the slot all along, it delivers what was committed meanwhile, once, and nothing of
 /// what it had delivered again.
 ///
-/// Ignored: the relay stops at once with "replication slot outbox_relay is missing, but
-/// this relay had delivered up to X: events committed after that may be lost" (fatal)
-/// while the server is still in recovery. `admin::slot_info` finds no slot on the
-/// replica without evaluating `pg_current_wal_lsn()` (no row), so the session never
-/// sees the transient "recovery is in progress" that a replica with a synced slot
-/// gives, and `resume::plan` takes the absent slot for a lost one. Run with
-/// `--ignored` once `Session::open` (or `admin::preflight`) treats
-/// `pg_is_in_recovery()` as transient before judging the slot.
+/// Before the fix the relay stopped at once with "replication slot outbox_relay is
+/// missing, but this relay had delivered up to X" (fatal): no slot row on the replica
+/// was taken for a lost slot. `admin::preflight` now waits on `pg_is_in_recovery()`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "relay bug: a replica in recovery without a copy of the slot is taken for a lost slot (fatal); see the doc comment"]
 async fn replica_in_recovery_is_waited_for_not_taken_for_a_lost_slot() {
     let mut env = Env::start().await;
     env.write_config(STREAMS_EXTRA);

@@ -33,8 +33,14 @@ pub const DLQ_SUBJECT: &str = "Outbox-Dlq-Original-Subject";
 /// 10097 header size, 10077 a stream limit); its description is in the reason.
 pub const DLQ_ERROR_CODE: &str = "Outbox-Dlq-Error-Code";
 
+/// On messages `replay` sent: its run id (such a message carries no position).
+pub const REPLAY: &str = "Outbox-Replay";
+/// On a filled message sent under `<id>:fill:<run>` (the stream's duplicate window still
+/// held the id of a message deleted since): the id it stands for.
+pub const REPLAY_OF: &str = "Outbox-Replay-Of";
+
 /// Every header name the relay sets itself, for the README and for tests.
-pub fn header_names() -> [&'static str; 16] {
+pub fn header_names() -> [&'static str; 18] {
     [
         ORIGIN,
         MSG_ID,
@@ -52,6 +58,8 @@ pub fn header_names() -> [&'static str; 16] {
         DLQ_REASON,
         DLQ_SUBJECT,
         DLQ_ERROR_CODE,
+        REPLAY,
+        REPLAY_OF,
     ]
 }
 

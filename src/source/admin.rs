@@ -544,6 +544,19 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<bool> {
 /// supervisor waits (a standby looks again every second), so this one query is also a
 /// standby's whole poll, before any NATS connection or checkpoint read.
 pub async fn preflight(client: &Client, cfg: &Config) -> Result<()> {
+    // A standby (a URL pointing at a node not yet promoted, during a failover) has no
+    // slot of its own before promotion: judged now, the slot would look lost.
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| crate::error::from_pg(&e).context("preflight"))?
+        .get(0);
+    if in_recovery {
+        return Err(Error::transient(
+            "postgresql is in recovery (a standby, not the primary): the relay streams from the primary",
+        )
+        .hint("point postgres.url at the primary; the relay retries and starts once this server is promoted"));
+    }
     let (busy, problems): (Vec<Problem>, Vec<Problem>) = environment_problems(client, cfg)
         .await?
         .into_iter()
