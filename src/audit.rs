@@ -213,11 +213,42 @@ pub struct Stored {
     streams: BTreeMap<String, Vec<u128>>,
     /// Per stream, positions that went backwards.
     out_of_order: BTreeMap<String, u64>,
-    /// Dead letters: key → reason.
-    dead: HashMap<u128, String>,
+    /// Dead letters by key (the latest one of a key wins: a redrive refused again).
+    dead: HashMap<u128, DeadLetter>,
+}
+
+/// One dead letter of this origin.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The row's id (`Outbox-Event-Id`).
+    pub event_id: String,
+    /// The copy's `Nats-Msg-Id` (or the id a redrive stood for).
+    pub msg_id: String,
+    /// Where it was going (`Outbox-Dlq-Original-Subject`).
+    pub subject: String,
+    pub reason: String,
+    /// The reason without what differs per event, so reasons group.
+    pub kind: String,
+    /// JetStream's `err_code` when the server refused it.
+    pub error_code: Option<u64>,
+    pub stream: String,
+    pub seq: u64,
+    /// When it was stored, seconds since the Unix epoch.
+    pub stored_at: i64,
 }
 
 impl Stored {
+    /// The dead letters, with whether their copy is stored in a stream by now (redriven).
+    pub fn dead_letters(&self) -> Vec<(&DeadLetter, bool)> {
+        let mut out: Vec<(&DeadLetter, bool)> = self
+            .dead
+            .iter()
+            .map(|(k, d)| (d, self.streams.keys().any(|s| self.count(s, *k) > 0)))
+            .collect();
+        out.sort_by(|a, b| (&a.0.stream, a.0.seq).cmp(&(&b.0.stream, b.0.seq)));
+        out
+    }
+
     fn count(&self, stream: &str, k: u128) -> usize {
         self.streams.get(stream).map_or(0, |keys| {
             let lo = keys.partition_point(|x| *x < k);
@@ -264,16 +295,19 @@ pub async fn read_streams(
             Err(e) if e.to_string().contains("not found") => continue,
             Err(e) => return Err(Error::transient(format!("stream {name}: {e}"))),
         };
-        let total = stream
+        // Read up to what the stream holds now (the relay may append meanwhile): its
+        // message count, or its last sequence when messages were deleted before it.
+        let state = &stream
             .info()
             .await
             .map_err(|e| Error::transient(format!("stream {name}: {e}")))?
-            .state
-            .last_sequence;
+            .state;
+        let (total, count) = (state.last_sequence, state.messages);
+        let mut in_stream = 0u64;
         let keys = stored.streams.entry(name.clone()).or_default();
         let mut last_pos = None;
         let mut backwards = 0u64;
-        if total > 0 {
+        if count > 0 {
             let consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
                 .await
@@ -292,6 +326,7 @@ pub async fn read_streams(
                 let msg = msg.map_err(|e| Error::transient(format!("read stream {name}: {e}")))?;
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(total);
                 read += 1;
+                in_stream += 1;
                 if read.is_multiple_of(10_000) {
                     progress(read);
                 }
@@ -303,8 +338,23 @@ pub async fn read_streams(
                 {
                     let k = key(id.as_str());
                     if msg.subject.starts_with(&dlq) {
-                        let reason = h.get(headers::DLQ_REASON).map_or("unknown", |v| v.as_str());
-                        stored.dead.insert(k, reason_kind(reason));
+                        let text = |name: &str| h.get(name).map_or("", |v| v.as_str()).to_string();
+                        let reason = text(headers::DLQ_REASON);
+                        let stored_at = msg.info().map_or(0, |i| i.published.unix_timestamp());
+                        stored.dead.insert(
+                            k,
+                            DeadLetter {
+                                event_id: text(headers::EVENT_ID),
+                                msg_id: id.as_str().to_string(),
+                                subject: text(headers::DLQ_SUBJECT),
+                                kind: reason_kind(&reason),
+                                reason,
+                                error_code: text(headers::DLQ_ERROR_CODE).parse().ok(),
+                                stream: name.clone(),
+                                seq,
+                                stored_at,
+                            },
+                        );
                     } else {
                         keys.push(k);
                         if let (Some(lsn), Some(index)) =
@@ -320,7 +370,7 @@ pub async fn read_streams(
                         }
                     }
                 }
-                if seq >= total {
+                if seq >= total || in_stream >= count {
                     break;
                 }
             }
@@ -488,8 +538,8 @@ pub fn verdict(
             _ => return (stream, Verdict::Duplicated),
         }
     }
-    if let Some(reason) = stored.dead.get(&k) {
-        return (stream, Verdict::DeadLettered(reason.clone()));
+    if let Some(dead) = stored.dead.get(&k) {
+        return (stream, Verdict::DeadLettered(dead.kind.clone()));
     }
     match stream {
         Some(s) => (
@@ -528,6 +578,27 @@ impl Audit {
             index,
             sql,
         })
+    }
+
+    /// What the streams this relay writes to hold for its origin.
+    pub async fn stored(&self, progress: impl FnMut(u64)) -> Result<Stored> {
+        let listed = crate::checkpoint::Checkpoint::peek(
+            &self.js,
+            &self.cfg.checkpoint.bucket,
+            &self.origin,
+        )
+        .await?
+        .map(|r| r.streams)
+        .unwrap_or_default();
+        let streams = streams_written(&self.cfg, &listed, &self.index);
+        read_streams(
+            &self.js,
+            &streams,
+            &self.origin,
+            &self.cfg.routing.dead_letter_prefix,
+            progress,
+        )
+        .await
     }
 
     /// The rows of `window`, read now (no snapshot; for the few rows a replay sends).
@@ -592,23 +663,7 @@ impl Audit {
         };
         // No slot: nothing more will be delivered, so nothing is in flight.
         let settled = confirmed.is_none_or(|c| c >= s);
-        let listed = crate::checkpoint::Checkpoint::peek(
-            &self.js,
-            &self.cfg.checkpoint.bucket,
-            &self.origin,
-        )
-        .await?
-        .map(|r| r.streams)
-        .unwrap_or_default();
-        let streams = streams_written(&self.cfg, &listed, &self.index);
-        let stored = read_streams(
-            &self.js,
-            &streams,
-            &self.origin,
-            &self.cfg.routing.dead_letter_prefix,
-            |n| progress("messages read", n),
-        )
-        .await?;
+        let stored = self.stored(|n| progress("messages read", n)).await?;
         let mut report = Report {
             origin: self.origin.clone(),
             snapshot_lsn: snapshot,

@@ -427,3 +427,101 @@ pub fn print_status(st: &Status) {
         println!("error        {e}");
     }
 }
+
+/// One dead letter for `dlq list`.
+#[derive(Debug, serde::Serialize)]
+pub struct DeadLetterEntry {
+    #[serde(flatten)]
+    pub letter: crate::audit::DeadLetter,
+    /// Its copy is stored in a stream by now (redriven or filled).
+    pub redriven: bool,
+    /// Seconds since it was stored.
+    pub age_seconds: i64,
+}
+
+/// `dlq list`: this origin's dead letters, oldest first.
+pub async fn dlq_list(cfg: &Config) -> Result<Vec<DeadLetterEntry>> {
+    let audit = crate::audit::Audit::connect(cfg).await?;
+    let stored = audit.stored(|_| {}).await?;
+    let now = (crate::metrics::now_ms() / 1000) as i64;
+    Ok(stored
+        .dead_letters()
+        .into_iter()
+        .map(|(d, redriven)| DeadLetterEntry {
+            letter: d.clone(),
+            redriven,
+            age_seconds: (now - d.stored_at).max(0),
+        })
+        .collect())
+}
+
+pub fn print_dlq(list: &[DeadLetterEntry]) {
+    if list.is_empty() {
+        println!("no dead letters");
+        return;
+    }
+    for e in list {
+        let age = humantime::format_duration(std::time::Duration::from_secs(e.age_seconds as u64));
+        println!(
+            "{} {}#{} {} -> {} ({} ago){}\n    reason: {}",
+            e.letter.event_id,
+            e.letter.stream,
+            e.letter.seq,
+            e.letter.msg_id,
+            e.letter.subject,
+            age,
+            if e.redriven { " [redriven]" } else { "" },
+            e.letter.reason
+        );
+    }
+    let open = list.iter().filter(|e| !e.redriven).count();
+    println!(
+        "{} dead letters, {open} not redriven: `outbox-relay dlq redrive --ids <id>` (or --reason TEXT, --all) sends them again",
+        list.len()
+    );
+}
+
+/// `dlq show ID`: the dead letters of a row id or message id, with headers and payload.
+pub async fn dlq_show(cfg: &Config, id: &str) -> Result<String> {
+    let audit = crate::audit::Audit::connect(cfg).await?;
+    let stored = audit.stored(|_| {}).await?;
+    let mut out = String::new();
+    for (d, redriven) in stored.dead_letters() {
+        if d.event_id != id && d.msg_id != id {
+            continue;
+        }
+        let stream = audit
+            .js
+            .get_stream(&d.stream)
+            .await
+            .map_err(|e| crate::error::Error::transient(format!("stream {}: {e}", d.stream)))?;
+        let msg = stream.get_raw_message(d.seq).await.map_err(|e| {
+            crate::error::Error::transient(format!("dead letter {}#{}: {e}", d.stream, d.seq))
+        })?;
+        out.push_str(&format!(
+            "{}#{} subject {}{}\n",
+            d.stream,
+            d.seq,
+            msg.subject,
+            if redriven { " [redriven]" } else { "" }
+        ));
+        for (name, values) in msg.headers.iter() {
+            for v in values {
+                out.push_str(&format!("  {name}: {}\n", v.as_str()));
+            }
+        }
+        let shown = &msg.payload[..msg.payload.len().min(64 * 1024)];
+        out.push_str(&format!(
+            "  payload ({} bytes): {}\n",
+            msg.payload.len(),
+            String::from_utf8_lossy(shown)
+        ));
+    }
+    if out.is_empty() {
+        return Err(crate::error::Error::fatal(format!(
+            "no dead letter of row or message id {id}"
+        ))
+        .hint("`outbox-relay dlq list` lists them"));
+    }
+    Ok(out)
+}

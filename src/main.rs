@@ -74,6 +74,41 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Dead letters of this relay: list them, show one, or send them again.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Every dead letter with its reason and age, and whether it was redriven since.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter (by row id or message id): headers and payload.
+    Show { id: String },
+    /// Send dead-lettered events again, from the outbox table, to where the routing
+    /// sends them now, once; one refused again stays a dead letter with the new reason.
+    Redrive {
+        /// Only these row ids (comma-separated).
+        #[arg(long, value_delimiter = ',', required_unless_present_any = ["reason", "all"])]
+        ids: Vec<String>,
+        /// Only dead letters whose reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Messages per second at most (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Print what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Which outbox rows `audit` and `replay` look at.
@@ -175,6 +210,7 @@ fn main() -> ExitCode {
                 };
                 replay(cfg, &opts).await
             }
+            Command::Dlq { command } => dlq(cfg, command).await,
         }
     })
 }
@@ -371,6 +407,52 @@ async fn audit(cfg: Config, select: &Select, json: bool) -> ExitCode {
     }
 }
 
+async fn dlq(cfg: Config, command: DlqCommand) -> ExitCode {
+    use outbox_relay::replay::{Mode, Options};
+    match command {
+        DlqCommand::List { json } => match cli::dlq_list(&cfg).await {
+            Ok(list) => {
+                if json {
+                    match serde_json::to_string_pretty(&list) {
+                        Ok(s) => println!("{s}"),
+                        Err(e) => return fail(&Error::fatal(format!("dlq list: {e}"))),
+                    }
+                } else {
+                    cli::print_dlq(&list);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        DlqCommand::Show { id } => match cli::dlq_show(&cfg, &id).await {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        DlqCommand::Redrive {
+            ids,
+            reason,
+            all: _,
+            rate,
+            dry_run,
+        } => {
+            let opts = Options {
+                mode: Mode::Redrive { reason },
+                window: outbox_relay::audit::Window {
+                    ids,
+                    ..Default::default()
+                },
+                rate,
+                dry_run,
+                wait: std::time::Duration::from_secs(30),
+            };
+            replay(cfg, &opts).await
+        }
+    }
+}
+
 async fn replay(cfg: Config, opts: &outbox_relay::replay::Options) -> ExitCode {
     match outbox_relay::replay::run(&cfg, opts, progress()).await {
         Ok(o) => {
@@ -379,11 +461,12 @@ async fn replay(cfg: Config, opts: &outbox_relay::replay::Options) -> ExitCode {
                 println!("would send: {line}");
             }
             println!(
-                "replay {}: {} {} ({} already stored in the duplicate window), {} in flight left to the relay, {} with no stream",
+                "replay {}: {} {} ({} already stored in the duplicate window, {} refused again and dead-lettered), {} in flight left to the relay, {} with no stream",
                 o.run,
                 o.sent,
                 if opts.dry_run { "to send" } else { "sent" },
                 o.duplicates,
+                o.dead_lettered,
                 o.in_flight,
                 o.unplaced
             );

@@ -9,8 +9,14 @@
 //!   to the relay.
 //! - `--redeliver`: every selected row again, under the new id `<id>:replay:<run>`, for
 //!   consumers that rebuild state.
+//! - `dlq redrive`: the dead-lettered copies, from the table (a dead letter may carry
+//!   no payload), to where the routing sends them now, under their original id, with
+//!   `Outbox-Redrive: <run id>`.
 //!
-//! Every message carries `Outbox-Replay: <run id>` and no position headers (a replayed
+//! A copy the server refuses again (a size or a stream limit) is dead-lettered with the
+//! new reason and error code, under `<id>:dlq:<run>` with `Outbox-Replay-Of: <id>`.
+//!
+//! Every message carries `Outbox-Replay: <run id>` (or `Outbox-Redrive`) and no position headers (a replayed
 //! message has no place in the commit order; the relay's read-back and the audit's
 //! order check ignore messages without a position). The slot is never touched, so a
 //! replay runs beside `run`.
@@ -29,7 +35,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::route::{Envelope, headers};
 
-pub use crate::route::headers::{REPLAY, REPLAY_OF};
+pub use crate::route::headers::{REDRIVE, REPLAY, REPLAY_OF};
 
 /// PubAcks awaited at once.
 const WINDOW: usize = 256;
@@ -37,10 +43,29 @@ const WINDOW: usize = 256;
 /// Row ids fetched per query in the second pass.
 const ID_CHUNK: usize = 1_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     Fill,
     Redeliver,
+    /// Dead letters whose reason contains this text (any, when `None`).
+    Redrive {
+        reason: Option<String>,
+    },
+}
+
+impl Mode {
+    /// Is a copy with verdict `v` sent?
+    fn sends(&self, v: &Verdict) -> bool {
+        match (self, v) {
+            (_, Verdict::Missing { in_flight: true } | Verdict::Unplaced) => false,
+            (Mode::Redeliver, _) => true,
+            (Mode::Fill, v) => *v == Verdict::Missing { in_flight: false },
+            (Mode::Redrive { reason }, Verdict::DeadLettered(kind)) => reason
+                .as_ref()
+                .is_none_or(|r| kind.to_lowercase().contains(&r.to_lowercase())),
+            (Mode::Redrive { .. }, _) => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +93,8 @@ pub struct Outcome {
     pub unplaced: u64,
     /// `subject id` of each message, with `--dry-run` (the first 1,000).
     pub planned: Vec<String>,
+    /// Refused by the server again, and dead-lettered with the new reason.
+    pub dead_lettered: u64,
 }
 
 /// A new run id: time and process, unique enough to tell runs apart in headers.
@@ -76,7 +103,7 @@ fn run_id() -> String {
 }
 
 /// The copy as replayed: `Outbox-Replay`, no position headers, the id of the mode.
-fn replayed(env: &Envelope, run: &str, mode: Mode) -> HeaderMap {
+fn replayed(env: &Envelope, run: &str, mode: &Mode) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, values) in env.headers.iter() {
         let n: &str = name.as_ref();
@@ -84,7 +111,7 @@ fn replayed(env: &Envelope, run: &str, mode: Mode) -> HeaderMap {
             continue;
         }
         for v in values {
-            if mode == Mode::Redeliver && n == headers::MSG_ID {
+            if *mode == Mode::Redeliver && n == headers::MSG_ID {
                 out.append(
                     HeaderName::from_static(headers::MSG_ID),
                     headers::value(&format!("{}:replay:{run}", v.as_str())),
@@ -94,7 +121,11 @@ fn replayed(env: &Envelope, run: &str, mode: Mode) -> HeaderMap {
             }
         }
     }
-    out.insert(HeaderName::from_static(REPLAY), headers::value(run));
+    let marker = match mode {
+        Mode::Redrive { .. } => REDRIVE,
+        _ => REPLAY,
+    };
+    out.insert(HeaderName::from_static(marker), headers::value(run));
     out
 }
 
@@ -113,7 +144,7 @@ pub async fn run(
     // First pass: which rows, and for `--fill` which of their copies (by message id).
     let mut rows: Vec<String> = Vec::new();
     let mut wanted: HashSet<String> = HashSet::new();
-    let mode = opts.mode;
+    let mode = &opts.mode;
     let mut in_flight = 0u64;
     let mut unplaced = 0u64;
     a.run(
@@ -122,19 +153,12 @@ pub async fn run(
         |event, judged| {
             let mut take = false;
             for (env, _, v) in judged {
-                let send = match v {
-                    Verdict::Missing { in_flight: false } => true,
-                    Verdict::Missing { in_flight: true } => {
-                        in_flight += 1;
-                        false
-                    }
-                    Verdict::Unplaced => {
-                        unplaced += 1;
-                        false
-                    }
-                    _ => mode == Mode::Redeliver,
-                };
-                if send {
+                match v {
+                    Verdict::Missing { in_flight: true } => in_flight += 1,
+                    Verdict::Unplaced => unplaced += 1,
+                    _ => {}
+                }
+                if mode.sends(v) {
                     wanted.insert(audit::msg_id(env).to_string());
                     take = true;
                 }
@@ -150,6 +174,7 @@ pub async fn run(
     outcome.unplaced = unplaced;
     // Second pass: those rows again, routed, and their wanted copies sent.
     let mut pending: Pending = FuturesOrdered::new();
+    let dlq = &cfg.routing.dead_letter_prefix;
     let began = tokio::time::Instant::now();
     for chunk in rows.chunks(ID_CHUNK) {
         let window = Window {
@@ -186,7 +211,7 @@ pub async fn run(
                 }
                 let msg = Outgoing {
                     subject: env.subject.clone(),
-                    headers: replayed(&env, &run, opts.mode),
+                    headers: replayed(&env, &run, &opts.mode),
                     payload: env.payload.clone(),
                     stream,
                 };
@@ -194,7 +219,7 @@ pub async fn run(
                 pending.push_back(Box::pin(async move { (ack.await, msg) }));
                 outcome.sent += 1;
                 if pending.len() >= WINDOW {
-                    settle(&a.js, &mut pending, &mut outcome, &run).await?;
+                    settle(&a.js, &mut pending, &mut outcome, &run, dlq).await?;
                 }
                 if outcome.sent.is_multiple_of(1_000) {
                     progress("messages sent", outcome.sent);
@@ -203,7 +228,7 @@ pub async fn run(
         }
     }
     while !pending.is_empty() {
-        settle(&a.js, &mut pending, &mut outcome, &run).await?;
+        settle(&a.js, &mut pending, &mut outcome, &run, dlq).await?;
     }
     progress("messages sent", outcome.sent);
     Ok(outcome)
@@ -244,19 +269,28 @@ fn no_ack(e: jetstream::context::PublishError) -> Error {
 
 /// Await the oldest PubAck. JetStream calls a message a duplicate when its id is in the
 /// stream's duplicate window, also when the message stored under it was deleted or
-/// purged since (what the audit found missing): then the stored sequence it names
-/// holds no such message, and the copy is sent again under `<id>:fill:<run>`, with
-/// `Outbox-Replay-Of: <id>` naming the original for the audit.
+/// purged since (what the audit found missing), or is the copy's own dead letter in
+/// the same stream: then the sequence it names holds no such message outside the dead
+/// letters, and the copy is sent again under `<id>:fill:<run>`, with
+/// `Outbox-Replay-Of: <id>` naming the original for the audit. A copy the server
+/// refuses for what it is is dead-lettered with the new reason.
 async fn settle(
     js: &jetstream::Context,
     pending: &mut Pending,
     outcome: &mut Outcome,
     run: &str,
+    dlq: &str,
 ) -> Result<()> {
     let Some((ack, msg)) = pending.next().await else {
         return Ok(());
     };
-    let ack = ack.map_err(no_ack)?;
+    let ack = match ack {
+        Ok(ack) => ack,
+        Err(e) => match refused_code(&e) {
+            Some(code) => return dead_letter(js, msg, outcome, run, dlq, code, &e).await,
+            None => return Err(no_ack(e)),
+        },
+    };
     if !ack.duplicate {
         return Ok(());
     }
@@ -265,29 +299,91 @@ async fn settle(
         .get(headers::MSG_ID)
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
+    let dead = format!("{dlq}.");
     let stored = match js.get_stream(&msg.stream).await {
-        Ok(s) => s
-            .get_raw_message(ack.sequence)
-            .await
-            .ok()
-            .and_then(|m| m.headers.get(headers::MSG_ID).map(|v| v.as_str() == id))
-            .unwrap_or(false),
+        Ok(s) => s.get_raw_message(ack.sequence).await.ok().is_some_and(|m| {
+            !m.subject.starts_with(&dead)
+                && m.headers
+                    .get(headers::MSG_ID)
+                    .is_some_and(|v| v.as_str() == id)
+        }),
         Err(_) => false,
     };
     if stored {
         outcome.duplicates += 1;
         return Ok(());
     }
-    let mut again = msg;
-    again.headers.insert(
-        HeaderName::from_static(headers::MSG_ID),
-        headers::value(&format!("{id}:fill:{run}")),
-    );
-    again
-        .headers
-        .insert(HeaderName::from_static(REPLAY_OF), headers::value(&id));
-    if publish(js, &again).await?.await.map_err(no_ack)?.duplicate {
-        outcome.duplicates += 1;
+    let again = renamed(msg, &id, &format!("{id}:fill:{run}"));
+    match publish(js, &again).await?.await {
+        Ok(ack) if ack.duplicate => outcome.duplicates += 1,
+        Ok(_) => {}
+        Err(e) => match refused_code(&e) {
+            Some(code) => return dead_letter(js, again, outcome, run, dlq, code, &e).await,
+            None => return Err(no_ack(e)),
+        },
     }
+    Ok(())
+}
+
+/// `msg` under the message id `new_id`, naming `id` in `Outbox-Replay-Of`.
+fn renamed(mut msg: Outgoing, id: &str, new_id: &str) -> Outgoing {
+    msg.headers.insert(
+        HeaderName::from_static(headers::MSG_ID),
+        headers::value(new_id),
+    );
+    msg.headers
+        .insert(HeaderName::from_static(REPLAY_OF), headers::value(id));
+    msg
+}
+
+/// The `err_code` of a PubAck that refuses the message for what it is (and would
+/// again), as the relay's sink decides ([`crate::sink::acks::refuses_again`]).
+fn refused_code(e: &jetstream::context::PublishError) -> Option<u64> {
+    let source = std::error::Error::source(e)?;
+    let api = source.downcast_ref::<async_nats::jetstream::Error>()?;
+    let code = api.error_code().0;
+    crate::sink::acks::refuses_again(code).then_some(code)
+}
+
+/// Dead-letter a copy the server refused again: to `<dlq>.<subject>`, with the new
+/// reason and code, under `<id>:dlq:<run>` (its original id may be held by the
+/// duplicate window); without its payload when the payload made it too large (the row
+/// is in the table).
+async fn dead_letter(
+    js: &jetstream::Context,
+    msg: Outgoing,
+    outcome: &mut Outcome,
+    run: &str,
+    dlq: &str,
+    code: u64,
+    e: &jetstream::context::PublishError,
+) -> Result<()> {
+    let id = msg
+        .headers
+        .get(REPLAY_OF)
+        .or_else(|| msg.headers.get(headers::MSG_ID))
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let mut dead = renamed(msg, &id, &format!("{id}:dlq:{run}"));
+    let reason = format!("jetstream refused the message ({code}): {e}");
+    dead.headers.insert(
+        HeaderName::from_static(headers::DLQ_REASON),
+        headers::value(&reason),
+    );
+    dead.headers.insert(
+        HeaderName::from_static(headers::DLQ_SUBJECT),
+        headers::value(&dead.subject),
+    );
+    dead.headers.insert(
+        HeaderName::from_static(headers::DLQ_ERROR_CODE),
+        headers::value(&code.to_string()),
+    );
+    dead.subject = format!("{dlq}.{}", dead.subject);
+    if code == 10054 {
+        dead.payload = bytes::Bytes::new();
+    }
+    tracing::warn!(subject = %dead.subject, reason, "replayed copy refused again: dead-lettered");
+    publish(js, &dead).await?.await.map_err(no_ack)?;
+    outcome.dead_lettered += 1;
     Ok(())
 }

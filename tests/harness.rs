@@ -117,6 +117,16 @@ subjects = ["outbox.>"]
         }
     }
 
+    /// A CLI command in the background (to kill it halfway).
+    pub fn spawn_cli(&self, args: &[&str]) -> std::process::Child {
+        relay_command(&self.config_path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn outbox-relay")
+    }
+
     pub fn spawn_relay(&self) -> Relay {
         Relay::spawn(&self.config_path(), self.dir.path())
     }

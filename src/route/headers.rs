@@ -39,8 +39,11 @@ pub const REPLAY: &str = "Outbox-Replay";
 /// held the id of a message deleted since): the id it stands for.
 pub const REPLAY_OF: &str = "Outbox-Replay-Of";
 
+/// On messages `dlq redrive` sent: its run id.
+pub const REDRIVE: &str = "Outbox-Redrive";
+
 /// Every header name the relay sets itself, for the README and for tests.
-pub fn header_names() -> [&'static str; 18] {
+pub fn header_names() -> [&'static str; 19] {
     [
         ORIGIN,
         MSG_ID,
@@ -60,6 +63,7 @@ pub fn header_names() -> [&'static str; 18] {
         DLQ_ERROR_CODE,
         REPLAY,
         REPLAY_OF,
+        REDRIVE,
     ]
 }
 

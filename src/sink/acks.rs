@@ -63,6 +63,11 @@ const REFUSES_THIS_MESSAGE: &[u64] = &[
     10060, 10070, 10071, 10164, 10193, 10109,
 ];
 
+/// Would the server refuse a message again that it refused with `err_code`?
+pub fn refuses_again(err_code: u64) -> bool {
+    REFUSES_THIS_MESSAGE.contains(&err_code)
+}
+
 impl AckError {
     /// The server said no to this one message, and would again: it goes to the
     /// dead-letter subject in its position, and the stream goes on.

@@ -384,6 +384,17 @@ impl Sink {
             );
         }
         if let Some(id) = sent.msg_id {
+            // The row id, which the message carried as `Outbox-Event-Id` (not kept in
+            // flight): the message id, less the `:<subject>` of a fan-out copy.
+            let copy = format!(":{}", sent.subject);
+            let event_id = id
+                .as_str()
+                .strip_suffix(copy.as_str())
+                .unwrap_or(id.as_str());
+            headers.insert(
+                HeaderName::from_static(headers::EVENT_ID),
+                headers::value(event_id),
+            );
             headers.insert(HeaderName::from_static(headers::MSG_ID), id);
         }
         if let Some(origin) = self.origin.clone() {
