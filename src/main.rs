@@ -365,16 +365,20 @@ async fn status(cfg: Config, json: bool) -> ExitCode {
     }
 }
 
-/// Progress on stderr: rewritten in place on a terminal, silent otherwise (the report
-/// on stdout is what scripts read).
+/// Progress on stderr: one line rewritten in place on a terminal, a plain line every
+/// 100,000 otherwise (the report on stdout is what scripts read).
 fn progress() -> impl FnMut(&str, u64) {
     use std::io::{IsTerminal, Write};
     let tty = std::io::stderr().is_terminal();
+    let mut last = 0u64;
     move |what: &str, n: u64| {
         if tty {
             eprint!("\r{what}: {n}        ");
             let _ = std::io::stderr().flush();
+        } else if n / 100_000 > last / 100_000 {
+            eprintln!("{what}: {n}");
         }
+        last = n;
     }
 }
 

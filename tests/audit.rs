@@ -76,6 +76,13 @@ async fn deleted_messages_are_found_missing_and_filled_once() {
     assert_eq!(s["delivered_once"], 47);
     assert_eq!(s["duplicated"]["count"], 0);
 
+    // A window that holds none of them.
+    let none = env.cli(&["audit", "--json", "--since", "2100-01-01", "--wait", "60s"]);
+    assert!(none.status.success(), "{}", none.text());
+    assert!(none.stdout.contains("\"rows\": 0"), "{}", none.text());
+    let one = env.cli(&["audit", "--json", "--topic", "b", "--wait", "60s"]);
+    assert!(one.stdout.contains("\"rows\": 20"), "{}", one.text());
+
     let dry = env.cli(&["replay", "--fill", "--dry-run", "--wait", "60s"]);
     assert!(dry.status.success(), "{}", dry.text());
     assert_eq!(

@@ -243,7 +243,7 @@ async fn start_on_a_lagging_slot_is_not_a_stall() {
 }
 
 /// The relay's NATS user: publish everywhere the relay needs, minus `deny`.
-fn relay_permissions(deny: &str) -> String {
+pub(crate) fn relay_permissions(deny: &str) -> String {
     format!(
         r#"
 authorization {{

@@ -16,8 +16,9 @@ use crate::support::postgres::{Postgres, StopMode};
 use crate::support::wait_for;
 
 /// A producer inserting `total` rows in transactions of mixed sizes, one connection,
-/// sequentially, with `n` = a global counter in the payload. Survives a PostgreSQL
-/// restart (reconnects; the table is the truth of what committed).
+/// sequentially, with `n` = a global counter in the payload ([`Producer::start`]) or
+/// in transactions of the caller's making ([`Producer::start_with`]). Survives a
+/// PostgreSQL restart (reconnects; the table is the truth of what committed).
 pub(crate) struct Producer {
     done: Arc<AtomicBool>,
     /// Rows whose commit was acknowledged (progress, for waiting on load).
@@ -29,25 +30,47 @@ impl Producer {
     /// `rate`: rows per second at most (0 = as fast as possible), so that faults
     /// injected over several seconds all land while load is still running.
     pub(crate) fn start(url: String, total: i64, seed: u64, rate: u64) -> Producer {
+        let mut rng = seed;
+        Self::start_with(url, total, rate, move |n| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Mostly small transactions, some large: 1..=20 or 100..=1000.
+            let size = if (rng >> 40).is_multiple_of(10) {
+                100 + (rng >> 20) as i64 % 900
+            } else {
+                1 + (rng >> 20) as i64 % 20
+            };
+            let size = size.min(total - n);
+            let sql = format!(
+                "INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
+                 SELECT 'load', 'order', g::text, jsonb_build_object('n', g)
+                 FROM generate_series({}::bigint, {}::bigint) AS s(g) ORDER BY s.g",
+                n + 1,
+                n + size
+            );
+            (size, sql)
+        })
+    }
+
+    /// A producer of `total` rows whose transactions `next_tx` makes: given the rows
+    /// made so far, the next transaction's row count and its one SQL statement (run
+    /// in autocommit). A failed statement is not retried: an ambiguous commit may or
+    /// may not be in the table, the table is the truth.
+    pub(crate) fn start_with(
+        url: String,
+        total: i64,
+        rate: u64,
+        mut next_tx: impl FnMut(i64) -> (i64, String) + Send + 'static,
+    ) -> Producer {
         let done = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicI64::new(0));
         let (d, c) = (done.clone(), committed.clone());
         let task = tokio::spawn(async move {
             let began = tokio::time::Instant::now();
             let mut n: i64 = 0;
-            let mut rng = seed;
             let mut client: Option<tokio_postgres::Client> = None;
             while n < total {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                // Mostly small transactions, some large: 1..=20 or 100..=1000.
-                let size = if (rng >> 40).is_multiple_of(10) {
-                    100 + (rng >> 20) as i64 % 900
-                } else {
-                    1 + (rng >> 20) as i64 % 20
-                };
-                let size = size.min(total - n);
                 if client.is_none() {
                     match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
                         Ok((cl, conn)) => {
@@ -61,14 +84,8 @@ impl Producer {
                     }
                 }
                 let Some(cl) = client.as_ref() else { continue };
-                let res = cl
-                    .execute(
-                        "INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
-                         SELECT 'load', 'order', g::text, jsonb_build_object('n', g)
-                         FROM generate_series($1::bigint, $2::bigint) AS s(g) ORDER BY s.g",
-                        &[&(n + 1), &(n + size)],
-                    )
-                    .await;
+                let (size, sql) = next_tx(n);
+                let res = cl.batch_execute(&sql).await;
                 // Counted either way: an ambiguous commit may or may not be in the table.
                 n += size;
                 if rate > 0 {
@@ -78,7 +95,7 @@ impl Producer {
                     .await;
                 }
                 match res {
-                    Ok(_) => {
+                    Ok(()) => {
                         c.fetch_add(size, Ordering::Relaxed);
                     }
                     Err(_) => client = None,

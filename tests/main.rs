@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod audit;
+mod chaos;
 mod core;
 mod exactly_once;
 mod faults;
