@@ -36,8 +36,11 @@ struct Args {
     #[arg(long, default_value = "public.outbox_events")]
     table: String,
     /// Rows the run committed (checked against the table too).
-    #[arg(long)]
+    #[arg(long, default_value_t = 0)]
     expect: u64,
+    /// Purge the stream and exit (the audit/replay benchmark empties it to refill it).
+    #[arg(long)]
+    purge: bool,
     #[arg(long, default_value = "verify")]
     label: String,
 }
@@ -46,6 +49,12 @@ struct Args {
 async fn main() -> Result<(), Box<dyn Error>> {
     let args = Args::parse();
     let started = Instant::now();
+    if args.purge {
+        let client = async_nats::connect(args.nats.as_str()).await?;
+        let js = jetstream::new(client);
+        js.get_stream(&args.stream).await?.purge().await?;
+        return Ok(());
+    }
 
     let (pg, conn) = tokio_postgres::connect(&args.pg, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

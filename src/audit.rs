@@ -466,6 +466,25 @@ fn page_sql(cfg: &Config, window: &Window) -> Result<String> {
     ))
 }
 
+/// The parameters of [`page_sql`]: after `(created_at, id)`, at most `limit` rows.
+fn page_params<'a>(
+    window: &'a Window,
+    after: &'a (String, String),
+    limit: &'a i64,
+) -> [&'a (dyn tokio_postgres::types::ToSql + Sync); 9] {
+    [
+        &after.0,
+        &after.1,
+        limit,
+        &window.since,
+        &window.until,
+        &window.tenant,
+        &window.ids,
+        &window.aggregate,
+        &window.topic,
+    ]
+}
+
 fn event_of(row: &tokio_postgres::Row) -> OutboxEvent {
     let get = |i: usize| -> Option<bytes::Bytes> {
         row.get::<_, Option<String>>(i).map(bytes::Bytes::from)
@@ -604,22 +623,10 @@ impl Audit {
     /// The rows of `window`, read now (no snapshot; for the few rows a replay sends).
     pub async fn rows(&self, window: &Window) -> Result<Vec<OutboxEvent>> {
         let sql = page_sql(&self.cfg, window)?;
+        let first = ("-infinity".to_string(), String::new());
         let rows = self
             .sql
-            .query(
-                &sql,
-                &[
-                    &"-infinity",
-                    &"",
-                    &i64::MAX,
-                    &window.since,
-                    &window.until,
-                    &window.tenant,
-                    &window.ids,
-                    &window.aggregate,
-                    &window.topic,
-                ],
-            )
+            .query(&sql, &page_params(window, &first, &i64::MAX))
             .await
             .map_err(|e| crate::error::from_pg(&e).context("replay"))?;
         Ok(rows.iter().map(event_of).collect())
@@ -678,20 +685,7 @@ impl Audit {
         let mut after: (String, String) = ("-infinity".into(), String::new());
         loop {
             let rows = tx
-                .query(
-                    &statement,
-                    &[
-                        &after.0,
-                        &after.1,
-                        &PAGE_ROWS,
-                        &window.since,
-                        &window.until,
-                        &window.tenant,
-                        &window.ids,
-                        &window.aggregate,
-                        &window.topic,
-                    ],
-                )
+                .query(&statement, &page_params(window, &after, &PAGE_ROWS))
                 .await
                 .map_err(sql_err)?;
             let Some(last) = rows.last() else { break };

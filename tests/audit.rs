@@ -28,13 +28,7 @@ fn ids_of(v: &serde_json::Value) -> HashSet<String> {
 /// Every row once in the stream, nothing else.
 async fn assert_stream_matches_table(env: &Env) {
     let c = env.sql().await;
-    let table: HashSet<String> = c
-        .query("SELECT id::text FROM outbox_events", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let table: HashSet<String> = table_ids(&c).await.into_iter().collect();
     let js = env.js().await;
     let msgs = wait_read(&js, STREAM, table.len() as u64).await;
     // A filled copy whose id was still held by the duplicate window names its row.

@@ -22,13 +22,7 @@ async fn delivers_every_row_once_in_commit_and_insert_order() {
     )
     .await
     .unwrap();
-    let mut expected: Vec<String> = c
-        .query("SELECT id::text FROM outbox_events", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let mut expected: Vec<String> = table_ids(&c).await;
     expected.extend(insert_tx(&c, 10, "updated").await);
     expected.extend(insert_tx(&c, 10_000, "bulk").await);
 

@@ -543,6 +543,16 @@ pub async fn insert_tx(c: &tokio_postgres::Client, n: i64, topic: &str) -> Vec<S
 }
 
 /// PID of the walsender streaming slot `outbox_relay` (the relay's replication backend).
+/// Every row id of the outbox table.
+pub async fn table_ids(c: &tokio_postgres::Client) -> Vec<String> {
+    c.query("SELECT id::text FROM outbox_events", &[])
+        .await
+        .expect("read the outbox table")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 pub async fn slot_holder_pid(c: &tokio_postgres::Client) -> i32 {
     c.query_one(
         "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",

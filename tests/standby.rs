@@ -86,13 +86,7 @@ async fn assert_once_each(msgs: &[Msg], c: &tokio_postgres::Client) {
         msgs.len(),
         "a message twice: {msgs:#?}"
     );
-    let table: BTreeSet<String> = c
-        .query("SELECT id::text FROM outbox_events", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let table: BTreeSet<String> = table_ids(c).await.into_iter().collect();
     assert_eq!(
         msg_ids(msgs),
         table,
@@ -272,13 +266,7 @@ async fn failover_slot_resumes_at_the_fork_point(mut env: Env) {
     }
     // The new primary's table holds A, C and the marker: B, committed on the old
     // timeline after the fork point, is not in it (the stream keeps it).
-    let table: BTreeSet<String> = c
-        .query("SELECT id::text FROM outbox_events", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let table: BTreeSet<String> = table_ids(&c).await.into_iter().collect();
     let expected: BTreeSet<String> = a.iter().chain(&cc).chain(&marker).cloned().collect();
     assert_eq!(table, expected);
     assert_eq!(msg_ids(&msgs_all).len(), 201, "no message twice");
