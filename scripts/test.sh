@@ -48,7 +48,7 @@ for major in 14 16 17; do
         OUTBOX_TEST_PG_BIN="$PWD/$bin" cargo test --locked --test main -- \
             --skip faults::sigkill --skip faults::nats_outage --skip faults::quick_nats \
             --skip faults::puback --skip faults::million --skip faults::large \
-            --skip ha::nats_cluster --skip hostile::
+            --skip ha::nats_cluster --skip hostile:: --skip chaos::
     else
         step "PostgreSQL $major: $bin not installed (no npm?): skipped"
     fi

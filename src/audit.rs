@@ -305,6 +305,9 @@ pub async fn read_streams(
         let (total, count) = (state.last_sequence, state.messages);
         let mut in_stream = 0u64;
         let keys = stored.streams.entry(name.clone()).or_default();
+        // Exactly what the stream holds now: a doubling vector would take up to twice
+        // the 16 bytes per message (10,000,000 messages: 160 MB, not 268).
+        keys.reserve_exact(usize::try_from(count).unwrap_or(0));
         let mut last_pos = None;
         let mut backwards = 0u64;
         if count > 0 {
