@@ -661,12 +661,15 @@ impl Audit {
             .get(0);
         let s = crate::checkpoint::parse_lsn(&snapshot).unwrap_or(u64::MAX);
         let deadline = tokio::time::Instant::now() + wait;
+        // Waiting helps only while a relay streams from the slot: a slot nobody reads
+        // does not move, and what it has not confirmed stays in flight until one does.
         let confirmed = loop {
-            let c = admin::slot_info(&self.sql, &self.cfg.postgres.slot)
-                .await?
+            let slot = admin::slot_info(&self.sql, &self.cfg.postgres.slot).await?;
+            let active = slot.as_ref().is_some_and(|i| i.active_pid.is_some());
+            let c = slot
                 .and_then(|i| i.confirmed_flush_lsn)
                 .and_then(|l| crate::checkpoint::parse_lsn(&l));
-            if c.is_none_or(|c| c >= s) || tokio::time::Instant::now() >= deadline {
+            if c.is_none_or(|c| c >= s) || !active || tokio::time::Instant::now() >= deadline {
                 break c;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
