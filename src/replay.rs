@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::{HeaderMap, HeaderName};
 use futures::StreamExt;
-use futures::stream::FuturesOrdered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
 use serde::Serialize;
 
 use crate::audit::{self, Audit, Verdict, Window};
@@ -174,6 +174,7 @@ pub async fn run(
     outcome.unplaced = unplaced;
     // Second pass: those rows again, routed, and their wanted copies sent.
     let mut pending: Pending = FuturesOrdered::new();
+    let mut rechecks: Rechecks = FuturesUnordered::new();
     let dlq = &cfg.routing.dead_letter_prefix;
     let began = tokio::time::Instant::now();
     for chunk in rows.chunks(ID_CHUNK) {
@@ -219,7 +220,7 @@ pub async fn run(
                 pending.push_back(Box::pin(async move { (ack.await, msg) }));
                 outcome.sent += 1;
                 if pending.len() >= WINDOW {
-                    settle(&a.js, &mut pending, &mut outcome, &run, dlq).await?;
+                    settle(&a.js, &mut pending, &mut rechecks, &mut outcome, &run, dlq).await?;
                 }
                 if outcome.sent.is_multiple_of(1_000) {
                     progress("messages sent", outcome.sent);
@@ -228,7 +229,10 @@ pub async fn run(
         }
     }
     while !pending.is_empty() {
-        settle(&a.js, &mut pending, &mut outcome, &run, dlq).await?;
+        settle(&a.js, &mut pending, &mut rechecks, &mut outcome, &run, dlq).await?;
+    }
+    while !rechecks.is_empty() {
+        settle_recheck(&a.js, &mut rechecks, &mut outcome, &run, dlq).await?;
     }
     progress("messages sent", outcome.sent);
     Ok(outcome)
@@ -267,16 +271,30 @@ fn no_ack(e: jetstream::context::PublishError) -> Error {
         .hint("run the same replay again: it sends only what is still missing")
 }
 
+/// What a recheck of a duplicate PubAck found.
+enum Recheck {
+    /// The message the duplicate names is this copy: stored before.
+    Stored,
+    /// It was not (deleted since, or the copy's own dead letter): sent again under
+    /// `<id>:fill:<run>`.
+    Sent,
+    /// Sent again and refused for what it is.
+    Refused(Outgoing, u64, jetstream::context::PublishError),
+}
+
+type Rechecks =
+    FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = Result<Recheck>> + Send>>>;
+
 /// Await the oldest PubAck. JetStream calls a message a duplicate when its id is in the
 /// stream's duplicate window, also when the message stored under it was deleted or
 /// purged since (what the audit found missing), or is the copy's own dead letter in
-/// the same stream: then the sequence it names holds no such message outside the dead
-/// letters, and the copy is sent again under `<id>:fill:<run>`, with
-/// `Outbox-Replay-Of: <id>` naming the original for the audit. A copy the server
-/// refuses for what it is is dead-lettered with the new reason.
+/// the same stream: a duplicate is rechecked ([`recheck`], concurrently, up to
+/// [`WINDOW`] at once). A copy the server refuses for what it is is dead-lettered with
+/// the new reason.
 async fn settle(
     js: &jetstream::Context,
     pending: &mut Pending,
+    rechecks: &mut Rechecks,
     outcome: &mut Outcome,
     run: &str,
     dlq: &str,
@@ -284,24 +302,65 @@ async fn settle(
     let Some((ack, msg)) = pending.next().await else {
         return Ok(());
     };
-    let ack = match ack {
-        Ok(ack) => ack,
+    match ack {
+        Ok(ack) if ack.duplicate => {
+            rechecks.push(Box::pin(recheck(
+                js.clone(),
+                msg,
+                ack.sequence,
+                run.to_string(),
+                dlq.to_string(),
+            )));
+            while rechecks.len() >= WINDOW {
+                settle_recheck(js, rechecks, outcome, run, dlq).await?;
+            }
+            Ok(())
+        }
+        Ok(_) => Ok(()),
         Err(e) => match refused_code(&e) {
-            Some(code) => return dead_letter(js, msg, outcome, run, dlq, code, &e).await,
-            None => return Err(no_ack(e)),
+            Some(code) => dead_letter(js, msg, outcome, run, dlq, code, &e).await,
+            None => Err(no_ack(e)),
         },
-    };
-    if !ack.duplicate {
-        return Ok(());
     }
+}
+
+/// Await one recheck.
+async fn settle_recheck(
+    js: &jetstream::Context,
+    rechecks: &mut Rechecks,
+    outcome: &mut Outcome,
+    run: &str,
+    dlq: &str,
+) -> Result<()> {
+    match rechecks.next().await {
+        Some(Ok(Recheck::Stored)) => outcome.duplicates += 1,
+        Some(Ok(Recheck::Sent)) | None => {}
+        Some(Ok(Recheck::Refused(msg, code, e))) => {
+            dead_letter(js, msg, outcome, run, dlq, code, &e).await?
+        }
+        Some(Err(e)) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Is the message at `seq` (which a duplicate PubAck named) this copy? If not, send the
+/// copy again under `<id>:fill:<run>` with `Outbox-Replay-Of: <id>`, which the audit
+/// reads as the original id.
+async fn recheck(
+    js: jetstream::Context,
+    msg: Outgoing,
+    seq: u64,
+    run: String,
+    dlq: String,
+) -> Result<Recheck> {
     let id = msg
         .headers
         .get(headers::MSG_ID)
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
     let dead = format!("{dlq}.");
-    let stored = match js.get_stream(&msg.stream).await {
-        Ok(s) => s.get_raw_message(ack.sequence).await.ok().is_some_and(|m| {
+    let stored = match js.get_stream_no_info(&msg.stream).await {
+        Ok(s) => s.get_raw_message(seq).await.ok().is_some_and(|m| {
             !m.subject.starts_with(&dead)
                 && m.headers
                     .get(headers::MSG_ID)
@@ -310,19 +369,17 @@ async fn settle(
         Err(_) => false,
     };
     if stored {
-        outcome.duplicates += 1;
-        return Ok(());
+        return Ok(Recheck::Stored);
     }
     let again = renamed(msg, &id, &format!("{id}:fill:{run}"));
-    match publish(js, &again).await?.await {
-        Ok(ack) if ack.duplicate => outcome.duplicates += 1,
-        Ok(_) => {}
+    match publish(&js, &again).await?.await {
+        Ok(ack) if ack.duplicate => Ok(Recheck::Stored),
+        Ok(_) => Ok(Recheck::Sent),
         Err(e) => match refused_code(&e) {
-            Some(code) => return dead_letter(js, again, outcome, run, dlq, code, &e).await,
-            None => return Err(no_ack(e)),
+            Some(code) => Ok(Recheck::Refused(again, code, e)),
+            None => Err(no_ack(e)),
         },
     }
-    Ok(())
 }
 
 /// `msg` under the message id `new_id`, naming `id` in `Outbox-Replay-Of`.
