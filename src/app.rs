@@ -19,6 +19,7 @@ use crate::checkpoint::{Checkpoint, Reconciler};
 use crate::config::Config;
 use crate::decode::{self, PgMessage, RelationCache};
 use crate::error::{Error, Result};
+use crate::floors::Floors;
 use crate::metrics::Health;
 use crate::monitor::{Delivered, Monitor};
 use crate::placement::Placement;
@@ -184,6 +185,8 @@ struct State {
     checkpoint: Checkpoint,
     /// What earlier sessions stored after the resume position: the proof behind skips.
     reconciler: Reconciler,
+    /// Where the next session's read-back starts, saved with each checkpoint.
+    floors: Floors,
 }
 
 /// The router `run` uses: the subject template, the rules file and the enforced
@@ -350,7 +353,8 @@ impl Session<'_> {
         for name in &readback {
             checkpoint.note_stream(name).await?;
         }
-        let reconciler = Reconciler::load(&js, readback, &origin, start).await?;
+        let floors = checkpoint.record().floors.clone();
+        let reconciler = Reconciler::load(&js, readback, &origin, start, &floors).await?;
         let sink = Sink::new(js.clone(), cfg, self.health.clone(), &origin)
             .await?
             .with_denials(denials);
@@ -384,6 +388,7 @@ impl Session<'_> {
                 index,
                 caught_up: false,
                 checkpoint,
+                floors: reconciler.floors(),
                 reconciler,
             },
         })
@@ -429,7 +434,7 @@ impl Session<'_> {
                     }
                 }
                 _ = save_timer.tick() => {
-                    self.save_checkpoint(st, stream).await?;
+                    self.save_checkpoint(st, stream, sink).await?;
                 }
                 ev = stream.recv(), if can_read => {
                     let ev = match ev {
@@ -454,8 +459,15 @@ impl Session<'_> {
 
     /// Persist the delivered position, then (only then) let PostgreSQL move the slot
     /// there: the slot never stands after the checkpoint (see [`crate::checkpoint`]).
-    async fn save_checkpoint(&mut self, st: &mut State, stream: &Stream) -> Result<()> {
-        st.checkpoint.save(*self.confirmed).await?;
+    async fn save_checkpoint(
+        &mut self,
+        st: &mut State,
+        stream: &Stream,
+        sink: &Sink,
+    ) -> Result<()> {
+        let floors = st.floors.for_checkpoint(*self.confirmed);
+        st.checkpoint.save(*self.confirmed, floors).await?;
+        st.floors.mark(sink.tails());
         let saved = st.checkpoint.saved();
         self.health.checkpoint_lsn.set(saved as i64);
         if !self.null_sink && saved > 0 {
@@ -476,7 +488,8 @@ impl Session<'_> {
         } = o;
         if outcome.is_err() {
             // Keep what is already safe, even on the way out of a failed session.
-            let _ = st.checkpoint.save(*self.confirmed).await;
+            let floors = st.floors.for_checkpoint(*self.confirmed);
+            let _ = st.checkpoint.save(*self.confirmed, floors).await;
             return outcome;
         }
         let drain_deadline =
@@ -494,7 +507,7 @@ impl Session<'_> {
         if let Some(lsn) = st.tracker.take_safe() {
             self.confirm(lsn);
         }
-        if let Err(e) = self.save_checkpoint(&mut st, &stream).await {
+        if let Err(e) = self.save_checkpoint(&mut st, &stream, &sink).await {
             tracing::warn!(error = %e, "saving the final checkpoint");
         }
         let saved = st.checkpoint.saved();
@@ -655,8 +668,19 @@ impl Session<'_> {
             }
             st.reconciler.passed(env.pos);
             if !self.null_sink && !st.checkpoint.knows(&env.stream) {
-                // Listed before the first publish to it: a later session reads it back.
+                // Listed before the first publish to it: a later session reads it back,
+                // from the sequence it ends at now.
                 st.checkpoint.note_stream(&env.stream).await?;
+                if let Some(tail) =
+                    crate::checkpoint::stream_tail(sink.context(), &env.stream).await
+                {
+                    st.floors.learn(&env.stream, tail);
+                }
+            }
+            // Before the publish, so every mark after this one counts it (the floors'
+            // proof needs what is published, not what is acknowledged).
+            if st.floors.publishing(env.pos.commit_lsn) {
+                st.floors.mark(sink.tails());
             }
             if self.null_sink {
                 st.tracker.ack(ticket);

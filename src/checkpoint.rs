@@ -11,10 +11,11 @@
 //! So the relay (1) keeps the last fully acknowledged commit position in a JetStream KV
 //! bucket ([`Checkpoint`]) — next to the data it describes, replicated and persisted
 //! like the streams — bound to the PostgreSQL cluster (system identifier) and timeline
-//! it was read on, with the names of every stream it ever published to; and (2) at
-//! every session start reads those streams back from their end down to the resume
-//! position ([`Reconciler`]), collecting the exact messages (position *and*
-//! `Nats-Msg-Id`) this source stored there after it.
+//! it was read on, with the names of every stream it ever published to and, per stream,
+//! the sequence below which nothing at or after the position is stored (its *floor*,
+//! see [`crate::floors`]); and (2) at every session start reads those streams back from
+//! their end down to the floor ([`Reconciler`]), collecting the exact messages
+//! (position *and* `Nats-Msg-Id`) this source stored there after it.
 //!
 //! Architecture invariant (the proof behind every skip): a replayed message is treated
 //! as already stored only when a message with its position and its `Nats-Msg-Id`, from
@@ -27,7 +28,7 @@
 //! advanced never stands after the checkpoint. A slot that does was created or moved by
 //! someone else after the relay stopped: everything committed in between was never read.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 
 use async_nats::jetstream::{self, kv};
@@ -66,6 +67,11 @@ pub struct Record {
     /// Every stream this source published to: the streams reconciliation reads.
     #[serde(default)]
     pub streams: BTreeSet<String>,
+    /// Per stream, the lowest sequence a message at or after `lsn` can be stored at
+    /// ([`crate::floors`]): the read-back reads down to it. A stream missing here is
+    /// read back the older way (down to the first of our messages before `lsn`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub floors: BTreeMap<String, u64>,
     /// Written by a relay before positions were bound to a server (a bare `X/X`): no
     /// stream list, and the slot may legitimately stand after it.
     #[serde(skip)]
@@ -198,6 +204,10 @@ impl Checkpoint {
         let mut next = self.record.clone();
         next.system_id = Some(system_id.to_string());
         next.timeline = Some(timeline);
+        if lsn < next.lsn {
+            // The floors bound messages at or after the old position only.
+            next.floors.clear();
+        }
         next.lsn = lsn;
         next.legacy = false;
         self.write(next).await
@@ -219,13 +229,15 @@ impl Checkpoint {
         self.write(next).await
     }
 
-    /// Persist `lsn` if it is newer.
-    pub async fn save(&mut self, lsn: u64) -> Result<()> {
+    /// Persist `lsn` with its `floors` ([`crate::floors::Floors::for_checkpoint`]) if it
+    /// is newer.
+    pub async fn save(&mut self, lsn: u64, floors: BTreeMap<String, u64>) -> Result<()> {
         if lsn <= self.record.lsn {
             return Ok(());
         }
         let mut next = self.record.clone();
         next.lsn = lsn;
+        next.floors = floors;
         self.write(next).await
     }
 
@@ -276,6 +288,10 @@ pub struct Reconciler {
     stored: HashMap<Position, Option<Box<str>>>,
     /// The highest position found: positions above it need no lookup at all.
     max: Option<Position>,
+    /// Each stream's last sequence when it was read back (0: empty or missing).
+    tails: BTreeMap<String, u64>,
+    /// Each stream's lowest sequence holding one of the messages found.
+    lowest: BTreeMap<String, u64>,
 }
 
 impl Reconciler {
@@ -283,17 +299,29 @@ impl Reconciler {
     /// transactions that end after it may have been stored by an earlier session).
     /// A stream that does not exist holds nothing; one that cannot be read is an error,
     /// because a replay into it could not be proven.
+    /// `floors` are the checkpoint's ([`Record::floors`]), valid for `resume`.
     pub async fn load(
         js: &jetstream::Context,
         streams: impl IntoIterator<Item = String>,
         origin: &str,
         resume: u64,
+        floors: &BTreeMap<String, u64>,
     ) -> Result<Reconciler> {
         let mut r = Reconciler::default();
         for name in streams {
-            scan_stream(js, &name, origin, resume, &mut r).await?;
+            let floor = floors.get(&name).copied();
+            scan_stream(js, &name, origin, resume, floor, &mut r).await?;
         }
         Ok(r)
+    }
+
+    /// The floors of this session's first checkpoints: what the read-back saw.
+    pub fn floors(&self) -> crate::floors::Floors {
+        crate::floors::Floors::new(
+            self.tails.clone(),
+            self.lowest.clone(),
+            self.max.map(|p| p.commit_lsn),
+        )
     }
 
     /// Built from known messages (tests).
@@ -373,15 +401,19 @@ fn own_position(h: &async_nats::HeaderMap, origin: &str) -> Option<(Position, bo
     Some((Position { commit_lsn, index }, generated))
 }
 
-/// Scan `stream` from its end: every message of `origin` at or after `resume` goes into
-/// `r`; the scan ends at the first one before it that the relay published itself (a
-/// schedule's generated message is appended when it fires, out of position order, so it
-/// never ends the scan).
+/// Scan `stream` from its end down to `floor`: every message of `origin` at or after
+/// `resume` goes into `r`. Without a floor (a checkpoint of an older relay, or one moved
+/// back by a promotion) the scan ends at the first message before `resume` that the
+/// relay published itself (a schedule's generated message is appended when it fires,
+/// out of position order, so it never ends the scan); that misses messages stored out
+/// of position order above it, which are then sent again: duplicates beyond the dedup
+/// window, never a loss.
 async fn scan_stream(
     js: &jetstream::Context,
     name: &str,
     origin: &str,
     resume: u64,
+    floor: Option<u64>,
     r: &mut Reconciler,
 ) -> Result<()> {
     use jetstream::context::GetStreamErrorKind;
@@ -391,6 +423,7 @@ async fn scan_stream(
             if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
                 if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
+            r.tails.insert(name.to_string(), 0);
             return Ok(());
         }
         Err(e) => return Err(unreadable(name, &e.to_string())),
@@ -399,8 +432,11 @@ async fn scan_stream(
         .info()
         .await
         .map_err(|e| unreadable(name, &e.to_string()))?;
-    let (first, last) = (info.state.first_sequence.max(1), info.state.last_sequence);
-    if info.state.messages == 0 {
+    let last = info.state.last_sequence;
+    // Read before anything of this session is published: everything it stores is above.
+    r.tails.insert(name.to_string(), last);
+    let first = info.state.first_sequence.max(1).max(floor.unwrap_or(0));
+    if info.state.messages == 0 || first > last {
         return Ok(());
     }
     let s = &s;
@@ -432,7 +468,9 @@ async fn scan_stream(
             if pos.commit_lsn >= resume {
                 let id = m.headers.get(headers::MSG_ID).map(|v| v.as_str().into());
                 r.insert(pos, id);
-            } else if !generated {
+                let low = r.lowest.entry(name.to_string()).or_insert(seq);
+                *low = (*low).min(seq);
+            } else if !generated && floor.is_none() {
                 return Ok(());
             }
         }
@@ -450,6 +488,13 @@ async fn scan_stream(
         hi = lo - 1;
     }
     Ok(())
+}
+
+/// `stream`'s last sequence (for [`crate::floors::Floors::learn`]); `None` when it
+/// cannot be read (then it has no floor, and is read back the older way).
+pub async fn stream_tail(js: &jetstream::Context, stream: &str) -> Option<u64> {
+    let s = js.get_stream(stream).await.ok()?;
+    Some(s.cached_info().state.last_sequence)
 }
 
 /// The position of the newest message `origin` published to `stream`, looking back
@@ -536,6 +581,7 @@ mod tests {
             system_id: Some("7312345678901234567".into()),
             timeline: Some(2),
             streams: ["DLQ".to_string(), "OUTBOX".to_string()].into(),
+            floors: [("OUTBOX".to_string(), 17)].into(),
             legacy: false,
         };
         let bytes = r.encode().unwrap();

@@ -15,7 +15,8 @@
 //! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.
 //! - [`progress`]: in-order ack tracker → the position safe to confirm.
 //! - [`checkpoint`]: persisted position (NATS KV), bound to the server, and the
-//!   read-back of the streams that proves which replays are already stored.
+//!   read-back of the streams that proves which replays are already stored;
+//!   [`floors`]: where that read-back must start in each stream (pure).
 //! - [`resume`]: where a session resumes: refuses other clusters and slot gaps, and
 //!   handles promotions (pure).
 //! - [`app`]: the supervisor loop and one streaming session (wires the above).
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod floors;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

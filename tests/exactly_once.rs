@@ -342,6 +342,78 @@ async fn denied_events_wait_and_arrive_once_after_the_grant() {
     relay.assert_running("after the grant");
 }
 
+/// Issue 14, the read-back: a message stored late, out of position order, must not hide
+/// the messages stored before it from the next session's read-back. `outbox.payment.>`
+/// and `outbox.refund.>` are denied; four transactions commit 10 payment, 10 order, 10
+/// refund and 10 order events. The orders are stored at once. When payment is granted,
+/// the payments are stored last, above the orders, and the checkpoint moves past them
+/// and the first orders; the refunds still end every session. Each next session must
+/// find the second orders stored by reading them back *below* the payments (before the
+/// floors the scan stopped at the first payment, whose position is before the
+/// checkpoint, and sent those orders again: with a 1 s duplicate window, stored twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_stored_messages_do_not_hide_earlier_ones_from_the_read_back() {
+    let deny = r#", deny: ["outbox.payment.>", "outbox.refund.>"]"#;
+    let nats = Nats::start_with(&relay_permissions(deny));
+    let mut env = Env::start_with(Postgres::start(), nats).await;
+    env.write_config("duplicate_window = \"1s\"");
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let creds = [
+        ("OUTBOX_RELAY_NATS_USER", "relay"),
+        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
+    ];
+    let mut relay = env.spawn_relay_env(&creds);
+    let c = env.sql().await;
+    for kind in ["payment", "order", "refund", "order"] {
+        c.execute(
+            "INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+             SELECT 'done', $1::text, jsonb_build_object('n', g)
+             FROM generate_series(1, 10) AS s(g) ORDER BY g",
+            &[&kind],
+        )
+        .await
+        .unwrap();
+    }
+    let js = env.js().await;
+    wait_count(&js, STREAM, 20).await;
+    let port = env.http_port;
+    let sessions = || relay_metric(port, "outbox_relay_reconnects_total");
+    let ended = sessions().await;
+    wait_for("a session ended by the denial", DEADLINE, || async move {
+        sessions().await > ended
+    })
+    .await;
+
+    env.nats
+        .reload_with(&relay_permissions(r#", deny: ["outbox.refund.>"]"#));
+    wait_count(&js, STREAM, 30).await;
+    // Two more sessions: the one that stored the payments, and one that resumed after
+    // them (the orders of the last transaction in its replay zone).
+    let ended = sessions().await;
+    wait_for(
+        "two sessions after the payments were stored",
+        DEADLINE,
+        || async move { sessions().await >= ended + 2.0 },
+    )
+    .await;
+    let held = read_all(&js, STREAM).await;
+    let ids: std::collections::HashSet<&str> = held.iter().map(|m| m.msg_id()).collect();
+    assert_eq!(
+        (held.len(), ids.len()),
+        (30, 30),
+        "while refunds wait, nothing is stored twice: {:?}",
+        held.iter().map(|m| &m.subject).collect::<Vec<_>>()
+    );
+
+    env.nats.reload_with(&relay_permissions(""));
+    let msgs = wait_read(&js, STREAM, 40).await;
+    let ids: std::collections::HashSet<&str> = msgs.iter().map(|m| m.msg_id()).collect();
+    assert_eq!((msgs.len(), ids.len()), (40, 40), "every event once");
+    assert!(msgs.iter().all(|m| !m.subject.starts_with("outbox.dlq.")));
+    relay.assert_running("after the grants");
+}
+
 /// docs/security.md's narrowed permissions for the relay's nats user, word for word
 /// (the stream names filled in: `OUTBOX` holds the events and the dead letters).
 const NARROW_PERMISSIONS: &str = r#"

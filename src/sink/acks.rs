@@ -103,8 +103,18 @@ struct Body<'a> {
     /// Borrowed unless the name needed JSON escapes.
     #[serde(default, borrow)]
     stream: Option<std::borrow::Cow<'a, str>>,
+    /// The sequence the message is stored at (a duplicate's: the earlier copy's).
+    #[serde(default)]
+    seq: u64,
     #[serde(default)]
     error: Option<ApiError>,
+}
+
+/// Where a PubAck says the message is stored.
+#[derive(Debug, PartialEq)]
+pub struct Stored<'a> {
+    pub stream: std::borrow::Cow<'a, str>,
+    pub seq: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -118,7 +128,10 @@ struct ApiError {
 }
 
 /// The outcome a reply on the ack subscription means.
-pub fn parse(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Result<(), AckError> {
+pub fn parse(
+    status: Option<async_nats::StatusCode>,
+    payload: &[u8],
+) -> Result<Stored<'_>, AckError> {
     if status == Some(async_nats::StatusCode::NO_RESPONDERS) {
         return Err(AckError::NoStream);
     }
@@ -129,8 +142,10 @@ pub fn parse(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Result<(
             description: e.description.to_lowercase(),
         }),
         Ok(Body {
-            stream: Some(s), ..
-        }) if !s.is_empty() => Ok(()),
+            stream: Some(stream),
+            seq,
+            ..
+        }) if !stream.is_empty() => Ok(Stored { stream, seq }),
         _ => Err(AckError::Malformed(
             String::from_utf8_lossy(&payload[..payload.len().min(200)]).into_owned(),
         )),
@@ -162,6 +177,8 @@ pub struct AckMux<T> {
     base: u64,
     slots: VecDeque<Slot<T>>,
     timeout: Duration,
+    /// The highest sequence every PubAck named, per stream ([`crate::floors`]).
+    tails: crate::floors::Tails,
 }
 
 impl<T> AckMux<T> {
@@ -179,7 +196,17 @@ impl<T> AckMux<T> {
             base: 0,
             slots: VecDeque::new(),
             timeout,
+            tails: Default::default(),
         })
+    }
+
+    /// The highest sequence acknowledged per stream so far.
+    pub fn tails(&self) -> &crate::floors::Tails {
+        &self.tails
+    }
+
+    pub fn tails_mut(&mut self) -> &mut crate::floors::Tails {
+        &mut self.tails
     }
 
     /// Messages awaiting their PubAck.
@@ -260,7 +287,8 @@ impl<T> AckMux<T> {
     }
 
     /// Store a reply's outcome with its message. A reply for a message already given
-    /// up (timed out) or not ours is ignored.
+    /// up (timed out) or not ours is ignored, except for where it says the message is
+    /// stored: that is true whatever became of the wait.
     fn record(&mut self, m: &async_nats::Message) {
         let Some(n) = m
             .subject
@@ -270,6 +298,9 @@ impl<T> AckMux<T> {
         else {
             return;
         };
+        let outcome = parse(m.status, &m.payload).map(|stored| {
+            self.tails.note(&stored.stream, stored.seq);
+        });
         let Some(slot) = n
             .checked_sub(self.base)
             .and_then(|i| self.slots.get_mut(i as usize))
@@ -277,7 +308,7 @@ impl<T> AckMux<T> {
             return;
         };
         if slot.outcome.is_none() {
-            slot.outcome = Some(parse(m.status, &m.payload));
+            slot.outcome = Some(outcome);
         }
     }
 }
@@ -288,10 +319,19 @@ mod tests {
 
     #[test]
     fn pubacks_parse() {
-        assert_eq!(parse(None, br#"{"stream":"OUTBOX","seq":7}"#), Ok(()));
+        let stored = |stream: &'static str, seq| {
+            Ok(Stored {
+                stream: stream.into(),
+                seq,
+            })
+        };
+        assert_eq!(
+            parse(None, br#"{"stream":"OUTBOX","seq":7}"#),
+            stored("OUTBOX", 7)
+        );
         assert_eq!(
             parse(None, br#"{"stream":"OUTBOX","seq":7,"duplicate":true}"#),
-            Ok(())
+            stored("OUTBOX", 7)
         );
         assert_eq!(
             parse(Some(async_nats::StatusCode::NO_RESPONDERS), b""),
@@ -314,6 +354,9 @@ mod tests {
             Err(AckError::Malformed(_))
         ));
         // A stream name with a JSON escape cannot be borrowed.
-        assert_eq!(parse(None, br#"{"stream":"a\"b","seq":1}"#), Ok(()));
+        assert_eq!(
+            parse(None, br#"{"stream":"a\"b","seq":1}"#),
+            stored("a\"b", 1)
+        );
     }
 }

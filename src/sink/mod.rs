@@ -220,6 +220,11 @@ impl Sink {
         self.acks.pending()
     }
 
+    /// The highest sequence acknowledged per stream so far (dead letters included).
+    pub fn tails(&self) -> &crate::floors::Tails {
+        self.acks.tails()
+    }
+
     /// Payload bytes awaiting their PubAck (the caller bounds it beside the count).
     pub fn in_flight_bytes(&self) -> usize {
         self.in_flight_bytes
@@ -469,7 +474,8 @@ impl Sink {
                 Err(e) => return Err(publish_error(&self.health, &self.denials, &e)),
             };
             match fut.await {
-                Ok(_) => {
+                Ok(ack) => {
+                    self.acks.tails_mut().note(&ack.stream, ack.sequence);
                     self.health.dead_lettered(dead_letter_kind(&reason));
                     return Ok(());
                 }
