@@ -8,10 +8,8 @@
 //!
 //! `CHAOS_SEED` (default 1), `CHAOS_ROWS` (default 25,000: the size CI runs),
 //! `CHAOS_FAULTS` (default one per 2,500 rows, at least 6), `CHAOS_DUPLICATE_WINDOW`
-//! (seconds, default 120: the stream's window; the long form runs with 1, which leaves
-//! exactly-once to the relay's proof alone and exposes the open read-back bug that
-//! docs/guarantees.md describes, so CI keeps NATS dedup as a net meanwhile). A failure prints its
-//! replay: `CHAOS_SEED=7 CHAOS_ROWS=25000 CHAOS_FAULTS=10 cargo test --test main --
+//! (seconds, default 1: the stream's window, short so that exactly-once rests on the
+//! relay's proof alone, not on NATS dedup). A failure prints its replay: `CHAOS_SEED=7 CHAOS_ROWS=25000 CHAOS_FAULTS=10 cargo test --test main --
 //! chaos:: --nocapture`. The long form, several seeds over 200,000 rows each:
 //! `bash scripts/chaos.sh`.
 
@@ -545,7 +543,7 @@ async fn seeded_faults_exactly_once() {
     let seed = env_u64("CHAOS_SEED", 1);
     let rows = env_u64("CHAOS_ROWS", 25_000) as i64;
     let drawn = env_u64("CHAOS_FAULTS", (rows as u64 / 2_500).max(6)) as usize;
-    let window = env_u64("CHAOS_DUPLICATE_WINDOW", 120);
+    let window = env_u64("CHAOS_DUPLICATE_WINDOW", 1);
     let began = Instant::now();
     let plan = schedule(&mut Rng(seed), drawn);
     let faults = plan.len();

@@ -505,3 +505,91 @@ async fn a_forbidden_foreign_stream_changes_nothing_under_narrow_permissions() {
     );
     relay.assert_running("under narrow permissions");
 }
+
+/// Issue 14: a stream the relay may not read (no `INFO`) that captures a routed
+/// subject. The relay cannot know the stream's limits nor read its messages back, so
+/// it must not guess: the event is neither published blind nor dead-lettered as "no
+/// stream captures it"; the session ends with an error naming the permission and the
+/// events wait. Events before it are delivered. Once the permission is granted, the
+/// waiting events arrive in `SECRET`, once, and everything after them follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_stream_that_captures_a_subject_holds_its_events() {
+    let env = Env::start_with(Postgres::start(), Nats::start_with(NARROW_PERMISSIONS)).await;
+    let admin = env.js().await;
+    admin
+        .create_stream(jetstream::stream::Config {
+            name: "SECRET".into(),
+            subjects: vec!["outbox.secret.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // OUTBOX must leave `outbox.secret.>` to SECRET (streams may not overlap).
+    let text = std::fs::read_to_string(env.config_path()).unwrap().replace(
+        r#"subjects = ["outbox.>"]"#,
+        r#"subjects = ["outbox.order.>", "outbox.dlq.>"]"#,
+    );
+    env.write_raw_config(&text);
+    let creds = [
+        ("OUTBOX_RELAY_NATS_USER", "relay"),
+        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
+    ];
+    let out = env.cli_env(&["migrate"], &creds);
+    assert!(out.status.success(), "{}", out.text());
+    let mut relay = env.spawn_relay_env(&creds);
+    let c = env.sql().await;
+    let before = insert_tx(&c, 10, "before").await;
+    c.execute(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, payload)
+         SELECT 'kept', 'secret', jsonb_build_object('n', g) FROM generate_series(1, 5) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let after = insert_tx(&c, 10, "after").await;
+    wait_count(&admin, STREAM, 10).await;
+    let port = env.http_port;
+    wait_for("two sessions ended on SECRET", DEADLINE, || async move {
+        relay_metric(port, "outbox_relay_reconnects_total").await >= 2.0
+    })
+    .await;
+    let held = read_all(&admin, STREAM).await;
+    let mut held: Vec<String> = held.iter().map(|m| m.msg_id().to_string()).collect();
+    let mut expected = before.clone();
+    held.sort();
+    expected.sort();
+    assert_eq!(
+        held, expected,
+        "only the events before the unreadable stream's, nothing dead-lettered"
+    );
+    assert_eq!(
+        stream_count(&admin, "SECRET").await,
+        0,
+        "nothing sent blind"
+    );
+    let log = relay.log_text();
+    assert!(log.contains("SECRET"), "the error names the stream: {log}");
+
+    let granted = NARROW_PERMISSIONS.replace(
+        r#""$JS.API.STREAM.MSG.GET.OUTBOX","#,
+        r#""$JS.API.STREAM.MSG.GET.OUTBOX", "$JS.API.STREAM.INFO.SECRET",
+                           "$JS.API.STREAM.MSG.GET.SECRET","#,
+    );
+    assert_ne!(granted, NARROW_PERMISSIONS);
+    let mut env = env;
+    env.nats.reload_with(&granted);
+    wait_count(&admin, "SECRET", 5).await;
+    let msgs = wait_read(&admin, STREAM, 20).await;
+    let ids: std::collections::HashSet<String> =
+        msgs.iter().map(|m| m.msg_id().to_string()).collect();
+    assert_eq!(msgs.len(), 20, "no event twice");
+    assert_eq!(ids, [before, after].concat().into_iter().collect());
+    let positions: Vec<(u64, u32)> = msgs.iter().map(Msg::position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    assert_eq!(
+        stream_count(&admin, "SECRET").await,
+        5,
+        "every secret event once"
+    );
+    relay.assert_running("after the grant");
+}
