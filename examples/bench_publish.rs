@@ -47,6 +47,14 @@ struct Args {
     /// Only `Nats-Msg-Id`, not the relay's full header set.
     #[arg(long)]
     minimal_headers: bool,
+    /// No headers at all (no `Nats-Msg-Id`: nothing deduplicated): the floor of what a
+    /// message costs the server, for the header-set study (bench/run workload H).
+    #[arg(long, conflicts_with = "minimal_headers")]
+    no_headers: bool,
+    /// The relay's compact header set (`routing.headers = "compact"`): `Nats-Msg-Id`
+    /// and the position headers.
+    #[arg(long, conflicts_with_all = ["minimal_headers", "no_headers"])]
+    compact_headers: bool,
     /// Keep the stream after the run.
     #[arg(long)]
     keep: bool,
@@ -58,11 +66,29 @@ struct Args {
     clk_tck: u64,
     #[arg(long, default_value = "publish_ceiling")]
     label: String,
+    /// Paced instead of as fast as possible: this many messages per second, each
+    /// published on its tick, on a single-threaded runtime like the relay's. The floor
+    /// of what a process that publishes one message at a time and waits for its PubAck
+    /// spends per message at a live rate (bench/run workload B's reference).
+    #[arg(long)]
+    rate: Option<u64>,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
+fn main() -> Result<(), Box<dyn Error>> {
     let args = Args::parse();
+    let rt = if args.rate.is_some() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let client = async_nats::ConnectOptions::new()
         .name("bench-publish")
         .connect(args.nats.as_str())
@@ -89,11 +115,30 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let mut acks = FuturesUnordered::new();
     let mut header_bytes = 0usize;
     let self_cpu0 = proc_cpu("self");
+    let self_ctx0 = ctx_switches();
     let nats_cpu0 = args.nats_pid.and_then(|p| proc_cpu(&p.to_string()));
     let started = Instant::now();
     let mut sent = 0u64;
     let mut acked = 0u64;
+    let mut ticks = args.rate.map(|r| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1) as f64));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
     while acked < args.count {
+        if let Some(t) = ticks.as_mut()
+            && sent < args.count
+        {
+            tokio::select! {
+                _ = t.tick() => {}
+                Some(r) = acks.next(), if !acks.is_empty() => {
+                    let r: Result<_, _> = r;
+                    r?;
+                    acked += 1;
+                    continue;
+                }
+            }
+        }
         if sent < args.count && acks.len() < args.max_in_flight {
             // Collect what is already acknowledged without waiting, then publish.
             while let Some(Some(r)) = acks.next().now_or_never() {
@@ -101,7 +146,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 r?;
                 acked += 1;
             }
-            let headers = headers_for(sent, args.tx_rows, args.minimal_headers);
+            let headers = headers_for(sent, args.tx_rows, args.header_set());
             if sent == 0 {
                 header_bytes = header_len(&headers);
             }
@@ -128,6 +173,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         _ => serde_json::Value::Null,
     };
     let cpu_us = per_msg(self_cpu0, proc_cpu("self"));
+    let ctx_per_msg = match (self_ctx0, ctx_switches()) {
+        (Some(a), Some(b)) => json!((b - a) as f64 / args.count.max(1) as f64),
+        _ => serde_json::Value::Null,
+    };
     let nats_us = per_msg(
         nats_cpu0,
         args.nats_pid.and_then(|p| proc_cpu(&p.to_string())),
@@ -155,6 +204,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             "header_bytes": header_bytes,
             "max_in_flight": args.max_in_flight,
             "cpu_us_per_event": cpu_us,
+            "ctx_switches_per_event": ctx_per_msg,
+            "rate": args.rate,
             "nats_us_per_event": nats_us,
         })
     );
@@ -176,8 +227,31 @@ fn payload_of(n: usize) -> Vec<u8> {
     v
 }
 
+/// Which headers each message carries.
+#[derive(Clone, Copy, PartialEq)]
+enum HeaderSet {
+    None,
+    MsgId,
+    Compact,
+    Full,
+}
+
+impl Args {
+    fn header_set(&self) -> HeaderSet {
+        if self.no_headers {
+            HeaderSet::None
+        } else if self.minimal_headers {
+            HeaderSet::MsgId
+        } else if self.compact_headers {
+            HeaderSet::Compact
+        } else {
+            HeaderSet::Full
+        }
+    }
+}
+
 /// The relay's header set for message `i` (README, "Headers"), values of the same length.
-fn headers_for(i: u64, tx_rows: u64, minimal: bool) -> HeaderMap {
+fn headers_for(i: u64, tx_rows: u64, set: HeaderSet) -> HeaderMap {
     let id = format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
         (i >> 32) as u32 ^ 0x5eed_0000,
@@ -187,11 +261,26 @@ fn headers_for(i: u64, tx_rows: u64, minimal: bool) -> HeaderMap {
         i
     );
     let mut h = HeaderMap::new();
+    if set == HeaderSet::None {
+        return h;
+    }
     h.insert("Nats-Msg-Id", id.as_str());
-    if minimal {
+    if set == HeaderSet::MsgId {
         return h;
     }
     let tx = i / tx_rows.max(1);
+    let position = |h: &mut HeaderMap| {
+        h.insert(
+            "Outbox-Commit-Lsn",
+            format!("0/{:X}", 0x1000_0000 + tx * 0x6_0000).as_str(),
+        );
+        h.insert("Outbox-Tx-Index", (i % tx_rows.max(1)).to_string().as_str());
+        h.insert("Outbox-Origin", "app/outbox_relay");
+    };
+    if set == HeaderSet::Compact {
+        position(&mut h);
+        return h;
+    }
     h.insert("Outbox-Event-Id", id.as_str());
     h.insert("Outbox-Event-Topic", "created");
     h.insert("Outbox-Aggregate-Type", "order");
@@ -199,12 +288,7 @@ fn headers_for(i: u64, tx_rows: u64, minimal: bool) -> HeaderMap {
     h.insert("Outbox-Tenant-Id", "default");
     h.insert("Outbox-Schema-Version", "1");
     h.insert("Outbox-Occurred-At", "2026-01-01 00:00:00.000000+00");
-    h.insert(
-        "Outbox-Commit-Lsn",
-        format!("0/{:X}", 0x1000_0000 + tx * 0x6_0000).as_str(),
-    );
-    h.insert("Outbox-Tx-Index", (i % tx_rows.max(1)).to_string().as_str());
-    h.insert("Outbox-Origin", "app/outbox_relay");
+    position(&mut h);
     h
 }
 
@@ -217,6 +301,20 @@ fn header_len(h: &HeaderMap) -> usize {
         }
     }
     n
+}
+
+/// Voluntary and involuntary context switches of every thread of this process.
+fn ctx_switches() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
 }
 
 /// `utime + stime` (all threads) of `/proc/<pid>/stat`, in clock ticks.

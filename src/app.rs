@@ -204,7 +204,8 @@ pub fn router(cfg: &Config) -> Result<Router> {
     };
     Ok(Router::new(template, &origin(cfg)?)
         .with_rules(cfg.routing.load_rules()?)
-        .with_prefix(prefix))
+        .with_prefix(prefix)
+        .with_compact_headers(cfg.routing.compact_headers()))
 }
 
 /// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the

@@ -348,7 +348,12 @@ pub async fn read_streams(
                         stored.dead.insert(
                             k,
                             DeadLetter {
-                                event_id: text(headers::EVENT_ID),
+                                // The compact header profile has no event id: the
+                                // message id less a fan-out copy's `:<suffix>`.
+                                event_id: h.get(headers::EVENT_ID).map_or_else(
+                                    || id.as_str().split(':').next().unwrap_or("").to_string(),
+                                    |v| v.as_str().to_string(),
+                                ),
                                 msg_id: id.as_str().to_string(),
                                 subject: text(headers::DLQ_SUBJECT),
                                 kind: reason_kind(&reason),

@@ -279,6 +279,11 @@ pub struct RoutingConfig {
     /// `<schedule_prefix>.<stream>.…`, a namespace the relay adds to each `[[streams]]`
     /// entry (see `sink::schedule`).
     pub schedule_prefix: String,
+    /// Which headers each message carries: `"full"` (every header of the README's
+    /// table) or `"compact"` (`Nats-Msg-Id`, the position headers and `Outbox-Origin`,
+    /// plus metadata and rule headers): what nats-server pays per message falls with
+    /// the header bytes (docs/benchmarks.md, workload H); the rest is in the payload.
+    pub headers: String,
 }
 
 impl Default for RoutingConfig {
@@ -289,11 +294,17 @@ impl Default for RoutingConfig {
             rules_file: String::new(),
             subject_prefix: String::new(),
             schedule_prefix: "outbox-relay.schedule".into(),
+            headers: "full".into(),
         }
     }
 }
 
 impl RoutingConfig {
+    /// `routing.headers` is `"compact"` (validated: `"full"` or `"compact"`).
+    pub fn compact_headers(&self) -> bool {
+        self.headers == "compact"
+    }
+
     /// The compiled rules file, if one is configured; errors name the key, the rule and
     /// the field.
     pub fn load_rules(&self) -> Result<Option<crate::route::rules::Rules>> {
@@ -423,6 +434,16 @@ impl Config {
             ));
         }
         crate::source::settings::PgSettings::parse(self)?;
+        if !matches!(self.routing.headers.as_str(), "full" | "compact") {
+            return Err(bad_key(
+                "routing.headers",
+                format!(
+                    "must be \"full\" or \"compact\" (got {:?})",
+                    self.routing.headers
+                ),
+                "\"full\" (the default) writes every header; \"compact\" only the message id, the position and the origin",
+            ));
+        }
         check_ident("postgres.slot", &self.postgres.slot)?;
         check_ident("postgres.publication", &self.postgres.publication)?;
         if self.postgres.status_interval.is_zero() {
@@ -916,6 +937,16 @@ listen = "127.0.0.1:9187"
                 .message
                 .contains("routing.subject")
         );
+        let mut cfg = Config::default();
+        cfg.routing.headers = "minimal".into();
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .message
+                .contains("routing.headers: must be \"full\" or \"compact\"")
+        );
+        cfg.routing.headers = "compact".into();
+        assert!(cfg.validate().is_ok() && cfg.routing.compact_headers());
         let mut cfg = Config::default();
         cfg.postgres.slot = "Bad-Slot".into();
         assert!(

@@ -87,6 +87,9 @@ pub fn header_names() -> [&'static str; 19] {
 pub struct HeaderSet {
     names: Names,
     origin: HeaderValue,
+    /// `routing.headers = "compact"`: only `Nats-Msg-Id`, the position and the origin
+    /// (plus metadata headers); no event id, aggregate or column headers.
+    compact: bool,
     /// Interior mutability keeps routing `&self`; a session routes on one task.
     template: RefCell<Option<Template>>,
 }
@@ -97,6 +100,7 @@ impl Clone for HeaderSet {
         Self {
             names: self.names.clone(),
             origin: self.origin.clone(),
+            compact: self.compact,
             template: RefCell::new(None),
         }
     }
@@ -172,8 +176,23 @@ impl HeaderSet {
                 ],
             },
             origin: value(origin),
+            compact: false,
             template: RefCell::new(None),
         }
+    }
+
+    /// The compact profile (`routing.headers = "compact"`).
+    pub fn compact(mut self, compact: bool) -> Self {
+        self.compact = compact;
+        self
+    }
+
+    /// The column values behind the sticky headers: none in the compact profile.
+    fn sticky_values<'e>(&self, ev: &'e OutboxEvent) -> [Option<&'e Bytes>; STICKY] {
+        if self.compact {
+            return [None; STICKY];
+        }
+        sticky_values(ev)
     }
 
     /// Headers for one message. Column values are written through [`sanitize`]: the
@@ -181,7 +200,7 @@ impl HeaderSet {
     /// block the event.
     pub fn build(&self, ev: &OutboxEvent, pos: Position, msg_id: Option<&str>) -> HeaderMap {
         let names = &self.names;
-        let aggregate_id = text(ev.aggregate_id.as_ref());
+        let aggregate_id = text(ev.aggregate_id.as_ref()).filter(|_| !self.compact);
         let mut cache = self.template.borrow_mut();
         let fits = cache.as_mut().is_some_and(|t| {
             t.has_aggregate_id == aggregate_id.is_some() && self.update(t, ev).is_ok()
@@ -198,7 +217,9 @@ impl HeaderSet {
         drop(cache);
         let id_str = ev.id_str();
         put(&mut h, &names.msg_id, msg_id.unwrap_or(id_str));
-        put(&mut h, &names.event_id, id_str);
+        if !self.compact {
+            put(&mut h, &names.event_id, id_str);
+        }
         h.insert(names.tx_index.clone(), HeaderValue::from(pos.index));
         if let Some(a) = aggregate_id {
             put(&mut h, &names.aggregate_id, a);
@@ -212,7 +233,7 @@ impl HeaderSet {
     /// Brings the template's sticky headers to `ev`'s values; `Err` when one appears or
     /// disappears (the template must be rebuilt, see the invariant on [`HeaderSet`]).
     fn update(&self, t: &mut Template, ev: &OutboxEvent) -> Result<(), ()> {
-        let values = sticky_values(ev);
+        let values = self.sticky_values(ev);
         // Raw bytes equal: same header. Only a changed value is checked and written.
         let changed: [bool; STICKY] =
             std::array::from_fn(|i| t.sticky[i].as_deref() != values[i].map(|b| &b[..]));
@@ -242,7 +263,9 @@ impl HeaderSet {
         map.insert(names.commit_lsn.clone(), HeaderValue::new());
         // Placeholders, overwritten for every message.
         map.insert(names.msg_id.clone(), HeaderValue::new());
-        map.insert(names.event_id.clone(), HeaderValue::new());
+        if !self.compact {
+            map.insert(names.event_id.clone(), HeaderValue::new());
+        }
         map.insert(names.tx_index.clone(), HeaderValue::new());
         if has_aggregate_id {
             map.insert(names.aggregate_id.clone(), HeaderValue::new());
@@ -253,7 +276,7 @@ impl HeaderSet {
             sticky: Default::default(),
             has_aggregate_id,
         };
-        for (i, v) in sticky_values(ev).into_iter().enumerate() {
+        for (i, v) in self.sticky_values(ev).into_iter().enumerate() {
             self.keep(&mut t, i, v);
         }
         t
@@ -456,6 +479,50 @@ mod tests {
                 proptest::prop_assert_eq!(shared.build(ev, *pos, msg_id), fresh);
             }
         }
+    }
+
+    proptest::proptest! {
+        /// The same for the compact profile: only its headers, never one left over.
+        #[test]
+        fn compact_template_headers_equal_fresh_headers(
+            events in proptest::collection::vec(any_event(), 1..40),
+        ) {
+            let shared = HeaderSet::new("app/outbox_relay").compact(true);
+            for (ev, pos) in &events {
+                let fresh = HeaderSet::new("app/outbox_relay").compact(true).build(ev, *pos, None);
+                proptest::prop_assert_eq!(shared.build(ev, *pos, None), fresh);
+            }
+        }
+    }
+
+    /// `routing.headers = "compact"`: the message id, the position and the origin (the
+    /// exactly-once proof needs all four), and metadata headers; nothing from columns.
+    #[test]
+    fn compact_profile_keeps_id_position_origin_and_metadata() {
+        let mut ev = OutboxEvent::new(
+            Bytes::from_static(b"id-1"),
+            Bytes::from_static(b"created"),
+            Bytes::from_static(b"{}"),
+        );
+        let col = |v: &'static str| Some(Bytes::from_static(v.as_bytes()));
+        ev.aggregate_type = col("order");
+        ev.aggregate_id = col("42");
+        ev.tenant_id = col("acme");
+        ev.occurred_at = col("2026-12-02 08:00:00+00");
+        ev.metadata = col(r#"{"traceparent":"00-abc-def-01"}"#);
+        let pos = Position {
+            commit_lsn: 0x1_0000_00A0,
+            index: 3,
+        };
+        let h = HeaderSet::new("app/outbox_relay")
+            .compact(true)
+            .build(&ev, pos, None);
+        let mut names: Vec<String> = h.iter().map(|(k, _)| k.to_string()).collect();
+        names.sort();
+        assert_eq!(names, [MSG_ID, COMMIT_LSN, ORIGIN, TX_INDEX, "traceparent"]);
+        assert_eq!(h.get(MSG_ID).map(|v| v.as_str()), Some("id-1"));
+        assert_eq!(h.get(COMMIT_LSN).map(|v| v.as_str()), Some("1/A0"));
+        assert_eq!(h.get(TX_INDEX).map(|v| v.as_str()), Some("3"));
     }
 
     #[test]

@@ -90,6 +90,12 @@ impl Router {
         }
     }
 
+    /// The compact header profile (`routing.headers = "compact"`).
+    pub fn with_compact_headers(mut self, compact: bool) -> Self {
+        self.headers = self.headers.compact(compact);
+        self
+    }
+
     /// Refuse (dead-letter) every subject outside `prefix`, rendered per event.
     pub fn with_prefix(mut self, prefix: Option<Template>) -> Self {
         self.prefix = prefix;
