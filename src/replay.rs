@@ -422,18 +422,11 @@ async fn dead_letter(
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
     let mut dead = renamed(msg, &id, &format!("{id}:dlq:{run}"));
-    let reason = format!("jetstream refused the message ({code}): {e}");
-    dead.headers.insert(
-        HeaderName::from_static(headers::DLQ_REASON),
-        headers::value(&reason),
-    );
-    dead.headers.insert(
-        HeaderName::from_static(headers::DLQ_SUBJECT),
-        headers::value(&dead.subject),
-    );
-    dead.headers.insert(
-        HeaderName::from_static(headers::DLQ_ERROR_CODE),
-        headers::value(&code.to_string()),
+    let reason = crate::sink::mark_dead_letter(
+        &mut dead.headers,
+        &format!("jetstream refused the message ({code}): {e}"),
+        &dead.subject,
+        Some(code),
     );
     dead.subject = format!("{dlq}.{}", dead.subject);
     if code == 10054 {

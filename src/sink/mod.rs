@@ -235,7 +235,10 @@ impl Sink {
     /// returned, already delivered.
     pub async fn publish(&mut self, ticket: Ticket, mut env: Envelope) -> Result<Option<Ticket>> {
         if let Some(reason) = env.dead_letter.clone() {
-            return self.dead_letter(env, &reason).await.map(|()| Some(ticket));
+            return self
+                .dead_letter(env, &reason, None)
+                .await
+                .map(|()| Some(ticket));
         }
         let mut headers = std::mem::take(&mut env.headers);
         let msg_id = headers.get(headers::MSG_ID).cloned();
@@ -382,12 +385,6 @@ impl Sink {
         error_code: Option<u64>,
     ) -> Result<()> {
         let mut headers = async_nats::HeaderMap::new();
-        if let Some(code) = error_code {
-            headers.insert(
-                HeaderName::from_static(headers::DLQ_ERROR_CODE),
-                headers::value(&code.to_string()),
-            );
-        }
         if let Some(id) = sent.msg_id {
             // The row id, which the message carried as `Outbox-Event-Id` (not kept in
             // flight): the message id, less the `:<subject>` of a fan-out copy.
@@ -419,24 +416,21 @@ impl Sink {
             committed_at_us: sent.committed_at_us,
             ..Envelope::default()
         };
-        self.dead_letter(env, reason).await
+        self.dead_letter(env, reason, error_code).await
     }
 
     /// Publish `env` to `<dead_letter_prefix>.<subject>` with the reason in headers, and
     /// wait for its ack before counting the event as delivered. If even that fails, the
     /// error is transient: nothing is skipped, the event is retried.
-    async fn dead_letter(&mut self, env: Envelope, reason: &str) -> Result<()> {
+    async fn dead_letter(
+        &mut self,
+        env: Envelope,
+        reason: &str,
+        error_code: Option<u64>,
+    ) -> Result<()> {
         let subject = format!("{}.{}", self.dlq_prefix, env.subject);
-        let reason = dead_letter_reason(reason);
         let mut headers = env.headers;
-        headers.insert(
-            HeaderName::from_static(headers::DLQ_REASON),
-            headers::value(&reason),
-        );
-        headers.insert(
-            HeaderName::from_static(headers::DLQ_SUBJECT),
-            headers::value(&env.subject),
-        );
+        let reason = mark_dead_letter(&mut headers, reason, &env.subject, error_code);
         tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
         let mut payload = env.payload;
         // Too large or refused even as a dead letter (the dead-letter stream has limits
@@ -500,6 +494,34 @@ impl Sink {
 /// Longest `Outbox-Dlq-Reason`: reasons quote the failing subject or
 /// `destination_topics` entry, which a row can make megabytes long.
 const MAX_REASON: usize = 1024;
+
+/// Make `headers` a dead letter's: why (`Outbox-Dlq-Reason`, at most [`MAX_REASON`]
+/// bytes), where it was going (`Outbox-Dlq-Original-Subject`) and, for a message the
+/// server refused, its `err_code`. Returns the reason as written (for the log). The one
+/// place that writes them, for the session's dead letters and for `replay`'s.
+pub fn mark_dead_letter(
+    headers: &mut async_nats::HeaderMap,
+    reason: &str,
+    subject: &str,
+    error_code: Option<u64>,
+) -> String {
+    let reason = dead_letter_reason(reason);
+    headers.insert(
+        HeaderName::from_static(headers::DLQ_REASON),
+        headers::value(&reason),
+    );
+    headers.insert(
+        HeaderName::from_static(headers::DLQ_SUBJECT),
+        headers::value(subject),
+    );
+    if let Some(code) = error_code {
+        headers.insert(
+            HeaderName::from_static(headers::DLQ_ERROR_CODE),
+            headers::value(&code.to_string()),
+        );
+    }
+    reason
+}
 
 /// The reason as written to the header and the log: at most [`MAX_REASON`] bytes.
 fn dead_letter_reason(reason: &str) -> String {

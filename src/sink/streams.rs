@@ -316,7 +316,7 @@ impl StreamIndex {
     }
 
     /// Refresh unless that happened less than `min_age` ago.
-    pub async fn refresh_if_older(
+    async fn refresh_if_older(
         &mut self,
         js: &jetstream::Context,
         min_age: std::time::Duration,
