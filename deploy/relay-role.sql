@@ -21,6 +21,9 @@ SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'relay_
 GRANT USAGE ON SCHEMA :"outbox_schema" TO :"relay_role";
 GRANT SELECT ON TABLE :"outbox_schema".:"outbox_table" TO :"relay_role";
 
+-- Nothing for outbox_emit(): that function is for producers (docs/producers.md), runs
+-- with the caller's rights, and the relay never calls it.
+--
 -- Only with retention.enabled = true (the relay deletes delivered rows):
 --   GRANT DELETE ON TABLE <schema>.<table> TO <relay_role>;
 -- Only with monitor.heartbeat_interval > 0, where the function is not executable by

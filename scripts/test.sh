@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: `bash scripts/test.sh`.
-# Installs what it needs (PostgreSQL server binaries, nats-server) via setup.sh, then
-# runs formatting and lint checks, unit tests, the integration suite against real
-# servers (current nats-server, then the core suite again against Debian's 2.9), and
-# the static validation of the Docker deploy path.
+# Installs what it needs (PostgreSQL server binaries, nats-server, prometheus) via
+# setup.sh, then runs formatting and lint checks, unit tests, the integration suite
+# against real servers (current nats-server, then the core suite again against
+# Debian's 2.9), and the static validation of the Docker deploy path and of the
+# monitoring files (validate-compose.py, promtool).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "setup: PostgreSQL server binaries, nats-server"
+step "setup: PostgreSQL server binaries, nats-server, prometheus"
 bash scripts/setup.sh
 
 step "cargo fmt --check"
@@ -48,7 +49,7 @@ for major in 14 16 17; do
         OUTBOX_TEST_PG_BIN="$PWD/$bin" cargo test --locked --test main -- \
             --skip faults::sigkill --skip faults::nats_outage --skip faults::quick_nats \
             --skip faults::puback --skip faults::million --skip faults::large \
-            --skip ha::nats_cluster --skip hostile:: --skip chaos::
+            --skip ha::nats_cluster --skip hostile:: --skip chaos:: --skip monitoring::
     else
         step "PostgreSQL $major: $bin not installed (no npm?): skipped"
     fi
@@ -56,5 +57,9 @@ done
 
 step "docker-compose.yml and Dockerfile: static validation"
 python3 scripts/validate-compose.py "${CARGO_TARGET_DIR:-target}/debug/outbox-relay"
+
+step "promtool: the alert rules and the Prometheus config of the monitoring profile"
+promtool check rules deploy/prometheus/alerts.yml
+promtool check config deploy/prometheus/prometheus.yml
 
 step "all green"

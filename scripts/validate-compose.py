@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Static checks of docker-compose.yml, deploy/relay.toml, the Dockerfile and
-.dockerignore, without Docker (for CI).
+.dockerignore, and of the monitoring profile (deploy/prometheus/, deploy/grafana/),
+without Docker (for CI).
 
     python3 scripts/validate-compose.py [path/to/outbox-relay]
 
@@ -16,6 +17,15 @@ servers named in the URLs are not reachable here: `status` then reports
 connection errors (or is stopped after 10 s), which is fine, since config errors
 end the process before any connection is tried.
 
+The services of the `monitoring` profile (prometheus, grafana) are checked
+statically: the profile is set, the images pin a major version, the files they
+mount exist, Prometheus scrapes the relay service on its HTTP port under the job
+name the alert rules use and loads deploy/prometheus/alerts.yml (identical to the
+rules in docs/operations.md), Grafana provisions the datasource the dashboard's
+panels name and loads the dashboard from where it is mounted, and every
+outbox_relay_* name in the dashboard and the rules is a metric src/metrics.rs
+registers. promtool checks the Prometheus files themselves (scripts/test.sh).
+
 Exit status 0 when every check passes; 1 with one line per problem otherwise.
 """
 
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import subprocess
 import sys
@@ -49,6 +60,16 @@ CONFIG_ERROR_MARKERS = [
     "environment variable OUTBOX_RELAY_",
 ]
 STATUS_TIMEOUT_S = 10
+
+# The monitoring profile (docker compose --profile monitoring up).
+MONITORING_PROFILE = "monitoring"
+MONITORING_IMAGES = {"prometheus": "prom/prometheus", "grafana": "grafana/grafana"}
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "outbox-relay.json"
+OPERATIONS = ROOT / "docs" / "operations.md"
+METRICS_RS = ROOT / "src" / "metrics.rs"
+GRAFANA_PROVISIONING = "/etc/grafana/provisioning"
+PROMETHEUS_DEFAULT_PORT = "9090"
 
 problems: list[str] = []
 passed: list[str] = []
@@ -421,6 +442,282 @@ def check_relay_config(services: dict, binary: Path) -> None:
             problem(f"{where}: config rejected: {first_error(text)}")
 
 
+# --- monitoring profile: Prometheus and Grafana ------------------------------------------
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def bind_source_of(svc: dict, container_path: str) -> Path | None:
+    """The host path a bind mount of `svc` provides at `container_path` (the mount
+    itself, or a file inside a mounted directory); None when no bind mount does."""
+    for source, target in mounts_of(svc):
+        if not is_bind(source):
+            continue
+        target = target.rstrip("/") or "/"
+        if container_path == target:
+            return host_path(source)
+        if container_path.startswith(target + "/"):
+            return host_path(source) / container_path[len(target) + 1 :]
+    return None
+
+
+def load_yaml_file(yaml, path: Path, what: str):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        problem(f"{what}: cannot read {path}: {e}")
+        return None
+
+
+def flag_value(cmd: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(cmd):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(cmd):
+            return cmd[i + 1]
+    return None
+
+
+def runbook_rules() -> str | None:
+    """The YAML block of the section "Alert rules" in docs/operations.md."""
+    if not OPERATIONS.is_file():
+        return None
+    text = OPERATIONS.read_text()
+    section = text.split("\n## Alert rules\n", 1)
+    if len(section) < 2:
+        return None
+    m = re.search(r"```yaml\n(.*?)```", section[1].split("\n## ", 1)[0], re.S)
+    return m.group(1) if m else None
+
+
+def registered_metrics() -> set[str]:
+    """Every exported series name: the names src/metrics.rs registers, with the
+    registry's prefix and the suffixes of counters and histograms."""
+    text = METRICS_RS.read_text() if METRICS_RS.is_file() else ""
+    prefix = re.search(r'Registry::with_prefix\("(\w+)"\)', text)
+    names = re.findall(r'register\(\s*"(\w+)"', text)
+    if not prefix or not names:
+        problem(f"{rel(METRICS_RS)}: cannot find the registered metrics")
+        return set()
+    out = set()
+    for n in names:
+        base = f"{prefix.group(1)}_{n}"
+        out |= {base, f"{base}_total", f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    return out
+
+
+def check_metric_names(text: str, where: str, known: set[str]) -> None:
+    if not known:
+        return
+    unknown = sorted({m for m in re.findall(r"\boutbox_relay_\w+", text) if m not in known})
+    if unknown:
+        problem(f"{where}: no such metric: {', '.join(unknown)} (src/metrics.rs registers the names)")
+
+
+def check_monitoring(services: dict, yaml) -> None:
+    before = len(problems)
+    known = registered_metrics()
+
+    for name, repo in MONITORING_IMAGES.items():
+        svc = services.get(name)
+        if not isinstance(svc, dict):
+            problem(f"service {name!r} missing (monitoring profile)")
+            continue
+        profiles = svc.get("profiles") or []
+        if MONITORING_PROFILE not in profiles:
+            problem(f"services.{name}: profiles must include {MONITORING_PROFILE!r}, is {profiles!r}")
+        image = str(svc.get("image", ""))
+        image_repo, _, tag = image.rpartition(":") if ":" in image else (image, "", "")
+        if image_repo != repo:
+            problem(f"services.{name}.image must be {repo}:<version>, is {image!r}")
+        elif not re.fullmatch(r"v?\d+(?:\.\d+)*", tag):
+            problem(f"services.{name}.image {image!r} does not pin a major version")
+    for name, svc in services.items():
+        if not isinstance(svc, dict) or MONITORING_PROFILE in (svc.get("profiles") or []):
+            continue
+        for dep in depends_of(svc):
+            if MONITORING_PROFILE in ((services.get(dep) or {}).get("profiles") or []):
+                problem(f"services.{name} (no profile) depends on {dep} (profile {MONITORING_PROFILE}): plain `up` would fail")
+
+    # The rule file is the runbook's, byte for byte.
+    rules_doc = runbook_rules()
+    if rules_doc is None:
+        problem(f"{rel(OPERATIONS)}: no ```yaml block in the section \"Alert rules\"")
+    elif not ALERTS.is_file():
+        problem(f"{rel(ALERTS)} missing")
+    elif ALERTS.read_text() != rules_doc:
+        file_lines, doc_lines = ALERTS.read_text().splitlines(), rules_doc.splitlines()
+        at = next(
+            (i for i, (a, b) in enumerate(zip(file_lines, doc_lines)) if a != b),
+            min(len(file_lines), len(doc_lines)),
+        )
+        problem(
+            f"{rel(ALERTS)} differs from the rules in {rel(OPERATIONS)} "
+            f"(\"Alert rules\") at line {at + 1}: keep them identical"
+        )
+    else:
+        ok(f"{rel(ALERTS)} is identical to the rules in {rel(OPERATIONS)}")
+    if OPERATIONS.is_file() and "deploy/prometheus/alerts.yml" not in OPERATIONS.read_text():
+        problem(f"{rel(OPERATIONS)} does not name deploy/prometheus/alerts.yml")
+    alert_jobs: set[str] = set()
+    if ALERTS.is_file():
+        check_metric_names(ALERTS.read_text(), str(rel(ALERTS)), known)
+        alert_jobs = set(re.findall(r'\bjob="([^"]+)"', ALERTS.read_text()))
+
+    check_prometheus(services, yaml, alert_jobs)
+    check_grafana(services, yaml, known)
+    if len(problems) == before:
+        ok(
+            f"monitoring profile: prometheus ({services['prometheus']['image']}) scrapes the relay with "
+            f"{rel(ALERTS)}, grafana ({services['grafana']['image']}) provisions "
+            f"{rel(DASHBOARD)}"
+        )
+
+
+def check_prometheus(services: dict, yaml, alert_jobs: set[str]) -> None:
+    svc = services.get("prometheus")
+    if not isinstance(svc, dict):
+        return
+    where = "services.prometheus"
+    config_in = flag_value(command_of(svc), "--config.file") or "/etc/prometheus/prometheus.yml"
+    config = bind_source_of(svc, config_in)
+    if config is None or not config.is_file():
+        problem(f"{where}: no bind mount provides an existing file at {config_in} (--config.file)")
+        return
+    doc = load_yaml_file(yaml, config, where)
+    if not isinstance(doc, dict):
+        problem(f"{where}: {config} is not a mapping")
+        return
+    # Rule files: relative to the config file's directory, in the container.
+    rule_hosts = []
+    for rf in doc.get("rule_files") or []:
+        in_container = rf if rf.startswith("/") else posixpath.join(posixpath.dirname(config_in), rf)
+        source = bind_source_of(svc, in_container)
+        if source is None or not source.is_file():
+            problem(f"{where}: rule file {in_container} is not mounted from an existing file")
+        else:
+            rule_hosts.append(source.resolve())
+    if ALERTS.resolve() not in rule_hosts:
+        problem(f"{where}: {config.name} does not load {rel(ALERTS)} (rule_files)")
+
+    relay = services.get("relay", {})
+    listen = env_of(relay, "services.relay").get("OUTBOX_RELAY_HTTP_LISTEN", "")
+    relay_port = listen.rsplit(":", 1)[-1] if listen else ""
+    if not relay_port:
+        problem("services.relay: OUTBOX_RELAY_HTTP_LISTEN is not set: the scrape port is unknown")
+        return
+    wanted = f"relay:{relay_port}"
+    jobs = [j for j in doc.get("scrape_configs") or [] if isinstance(j, dict)]
+    scraping = [
+        j
+        for j in jobs
+        for sc in j.get("static_configs") or []
+        if wanted in [str(t) for t in (sc or {}).get("targets") or []]
+    ]
+    if not scraping:
+        targets = [str(t) for j in jobs for sc in j.get("static_configs") or [] for t in (sc or {}).get("targets") or []]
+        problem(f"{where}: {config.name} scrapes {targets}, not the relay service at {wanted}")
+        return
+    job = scraping[0].get("job_name")
+    path = scraping[0].get("metrics_path", "/metrics")
+    if path != "/metrics":
+        problem(f"{where}: job {job} scrapes {path}; the relay serves /metrics")
+    if alert_jobs and job not in alert_jobs:
+        problem(f"{where}: the relay is scraped as job {job!r}, but the alert rules select job {sorted(alert_jobs)}")
+    for host in (t.rsplit(":", 1)[0] for sc in scraping[0].get("static_configs") or [] for t in (sc or {}).get("targets") or []):
+        if host not in services:
+            problem(f"{where}: scrape target host {host!r} is not a compose service")
+    ok(f"prometheus scrapes {wanted} as job {job!r} and loads {rel(ALERTS)}")
+
+
+def check_grafana(services: dict, yaml, known: set[str]) -> None:
+    svc = services.get("grafana")
+    if not isinstance(svc, dict):
+        return
+    where = "services.grafana"
+    provisioned: list[tuple[str, Path]] = [
+        (target, host_path(source))
+        for source, target in mounts_of(svc)
+        if is_bind(source) and target.startswith(GRAFANA_PROVISIONING + "/")
+    ]
+    prom = services.get("prometheus", {})
+    prom_listen = flag_value(command_of(prom), "--web.listen-address") or f":{PROMETHEUS_DEFAULT_PORT}"
+    prom_url = f"http://prometheus:{prom_listen.rsplit(':', 1)[-1]}"
+
+    uids: set[str] = set()
+    dashboard_dirs: list[str] = []
+    for target, host in provisioned:
+        if not host.is_file():
+            continue  # a missing bind source is reported by check_compose
+        kind = target[len(GRAFANA_PROVISIONING) + 1 :].split("/", 1)[0]
+        doc = load_yaml_file(yaml, host, where) or {}
+        if kind == "datasources":
+            for ds in doc.get("datasources") or []:
+                if ds.get("type") != "prometheus":
+                    continue
+                uids.add(str(ds.get("uid")))
+                if str(ds.get("url", "")).rstrip("/") != prom_url:
+                    problem(f"{where}: datasource {ds.get('uid')!r} points at {ds.get('url')!r}, not {prom_url}")
+        elif kind == "dashboards":
+            for prov in doc.get("providers") or []:
+                path = ((prov or {}).get("options") or {}).get("path")
+                if path:
+                    dashboard_dirs.append(str(path).rstrip("/"))
+    if not uids:
+        problem(f"{where}: no Prometheus datasource provisioned under {GRAFANA_PROVISIONING}/datasources")
+    if not dashboard_dirs:
+        problem(f"{where}: no dashboard provider under {GRAFANA_PROVISIONING}/dashboards")
+
+    # The dashboard: mounted where a provider reads, naming a provisioned datasource.
+    mounted = [
+        target
+        for source, target in mounts_of(svc)
+        if is_bind(source) and host_path(source).resolve() == DASHBOARD.resolve()
+    ]
+    if not mounted:
+        problem(f"{where}: {rel(DASHBOARD)} is not mounted")
+        return
+    if not any(t == d or t.startswith(d + "/") for t in mounted for d in dashboard_dirs):
+        problem(f"{where}: {rel(DASHBOARD)} is mounted at {mounted}, outside the provider paths {dashboard_dirs}")
+    home = env_of(svc, where).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home and home not in mounted:
+        problem(f"{where}: GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH={home} is not where the dashboard is mounted")
+    try:
+        dash = json.loads(DASHBOARD.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        problem(f"{rel(DASHBOARD)}: not valid JSON: {e}")
+        return
+    exprs = 0
+
+    def walk(panels: list) -> None:
+        nonlocal exprs
+        for p in panels or []:
+            title = p.get("title", "?")
+            refs = [p.get("datasource")] + [t.get("datasource") for t in p.get("targets") or []]
+            for ref in refs:
+                if isinstance(ref, dict) and ref.get("type") == "prometheus" and ref.get("uid") not in uids:
+                    problem(f"{rel(DASHBOARD)}: panel {title!r} uses datasource uid {ref.get('uid')!r}, provisioned: {sorted(uids)}")
+            for t in p.get("targets") or []:
+                if not str(t.get("expr", "")).strip():
+                    problem(f"{rel(DASHBOARD)}: panel {title!r} has a target without expr")
+                exprs += 1
+            walk(p.get("panels") or [])
+
+    walk(dash.get("panels") or [])
+    for var in (dash.get("templating") or {}).get("list") or []:
+        ref = var.get("datasource")
+        if isinstance(ref, dict) and ref.get("type") == "prometheus" and ref.get("uid") not in uids:
+            problem(f"{rel(DASHBOARD)}: variable {var.get('name')!r} uses datasource uid {ref.get('uid')!r}")
+    if exprs == 0:
+        problem(f"{rel(DASHBOARD)}: no panel queries")
+    check_metric_names(DASHBOARD.read_text(), str(rel(DASHBOARD)), known)
+    ok(f"grafana: datasource {sorted(uids)} -> {prom_url}, dashboard with {exprs} queries loaded from {mounted[0]}")
+
 # --- Dockerfile ------------------------------------------------------------------------
 
 
@@ -501,6 +798,8 @@ def main() -> int:
         binary = (Path.cwd() / binary).resolve()
     yaml = load_yaml_module()
     services = check_compose(yaml)
+    if services:
+        check_monitoring(services, yaml)
     check_dockerfile()
     if services:
         check_relay_config(services, binary)

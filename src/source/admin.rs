@@ -62,6 +62,9 @@ pub async fn migrate(client: &mut Client, cfg: &Config) -> Result<Vec<String>> {
         .await
         .map_err(|e| from_pg(&e).context("migration V1__outbox_events"))?;
         done.push(format!("created table {schema}.{table} and its indexes"));
+        // The producer helper writes to V1's layout: created with the table, never
+        // for a table migrate did not create (its columns may be mapped or missing).
+        done.push(install_outbox_emit(&tx, &schema, &table, &fill).await?);
     }
     tx.batch_execute(&fill(include_str!("../../migrations/V2__publication.sql")))
         .await
@@ -92,6 +95,48 @@ pub async fn migrate(client: &mut Client, cfg: &Config) -> Result<Vec<String>> {
         ));
     }
     Ok(done)
+}
+
+/// `migrations/V3__outbox_emit.sql`: the `outbox_emit` SQL function for producers.
+const OUTBOX_EMIT_SQL: &str = include_str!("../../migrations/V3__outbox_emit.sql");
+
+/// The comment V3 puts on the function (before filling in the placeholders): how a
+/// later `migrate` tells its own `outbox_emit` from one that serves another table or
+/// that someone else wrote.
+const OUTBOX_EMIT_MARK: &str = r#"outbox-relay: inserts one event into "{schema}"."{table}""#;
+
+/// Create (or replace) `<schema>.outbox_emit(topic, aggregate_type, aggregate_id,
+/// payload, metadata)` for the table just created, unless a function of that
+/// signature already exists there without this table's mark (another outbox table in
+/// the same schema, or the user's own): that one is left as it is. Returns the line
+/// `migrate` prints.
+async fn install_outbox_emit(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    table: &str,
+    fill: impl Fn(&str) -> String,
+) -> Result<String> {
+    let row = tx
+        .query_one(
+            "SELECT p IS NOT NULL, obj_description(p, 'pg_proc')
+             FROM (SELECT to_regprocedure(format('%I.outbox_emit(text, text, text, jsonb, jsonb)', $1::text)) AS p) AS f",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?;
+    let exists: bool = row.get(0);
+    let comment: Option<String> = row.get(1);
+    if exists && comment.as_deref() != Some(fill(OUTBOX_EMIT_MARK).as_str()) {
+        return Ok(format!(
+            "function {schema}.outbox_emit exists and does not write to {schema}.{table}: left unchanged"
+        ));
+    }
+    tx.batch_execute(&fill(OUTBOX_EMIT_SQL))
+        .await
+        .map_err(|e| from_pg(&e).context("migration V3__outbox_emit"))?;
+    Ok(format!(
+        "created function {schema}.outbox_emit(topic, aggregate_type, aggregate_id, payload, metadata) for producers"
+    ))
 }
 
 /// A problem found by [`environment_problems`], with its fix.
@@ -572,4 +617,16 @@ pub async fn preflight(client: &Client, cfg: &Config) -> Result<()> {
     let what: Vec<String> = problems.iter().map(|p| p.what.clone()).collect();
     let fix: Vec<String> = problems.iter().map(|p| p.fix.clone()).collect();
     Err(Error::fatal(what.join("; ")).hint(fix.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `migrate` recognises its own `outbox_emit` by the comment V3 sets.
+    #[test]
+    fn outbox_emit_migration_sets_the_mark() {
+        assert!(OUTBOX_EMIT_SQL.contains(&format!("IS '{OUTBOX_EMIT_MARK}';")));
+        assert!(OUTBOX_EMIT_SQL.contains("CREATE OR REPLACE FUNCTION \"{schema}\".outbox_emit("));
+    }
 }
