@@ -598,3 +598,59 @@ delay_seconds = 5
     assert_eq!(stream_count(&js, "LATER").await, 0);
     assert_eq!(stream_count(&js, "SHORT").await, 0);
 }
+
+/// Issue 16: `{partition:N}` in `routing.subject` is the same partition nats-server's
+/// subject mapping computes. The stream `PARTS` rewrites each stored subject
+/// `parts.<relay's partition>.<aggregate id>` to `checked.<server's partition(4) of the
+/// aggregate id>.<relay's partition>`: the two must agree for every row, and every
+/// message carries `Outbox-Partition`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_placeholder_agrees_with_the_servers_partition_mapping() {
+    let env = Env::start().await;
+    let js = env.js().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "PARTS".into(),
+        subjects: vec!["parts.>".into()],
+        subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+            source: "parts.*.*".into(),
+            destination: "checked.{{partition(4,2)}}.{{wildcard(1)}}".into(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("create PARTS (nats-server 2.10+)");
+    env.write_config("[routing]\nsubject = \"parts.{partition:4}.{aggregate_id}\"\n");
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let mut relay = env.spawn_relay();
+    let c = env.sql().await;
+    c.execute(
+        "INSERT INTO outbox_events (event_topic, aggregate_type, aggregate_id, payload)
+         SELECT 'created', 'order', 'order-' || g, '{}' FROM generate_series(1, 200) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let msgs = wait_read(&js, "PARTS", 200).await;
+    let mut used = std::collections::BTreeSet::new();
+    for m in &msgs {
+        let tokens: Vec<&str> = m.subject.split('.').collect();
+        assert_eq!(tokens.len(), 3, "{}", m.subject);
+        assert_eq!(
+            tokens[1], tokens[2],
+            "server and relay disagree: {}",
+            m.subject
+        );
+        assert_eq!(
+            m.headers.get("Outbox-Partition").map(String::as_str),
+            Some(tokens[2])
+        );
+        used.insert(tokens[2].to_string());
+    }
+    assert_eq!(
+        used.len(),
+        4,
+        "200 ids spread over all 4 partitions: {used:?}"
+    );
+    relay.assert_running("after partitioned routing");
+}

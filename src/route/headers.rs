@@ -26,6 +26,8 @@ pub const OCCURRED_AT: &str = "Outbox-Occurred-At";
 pub const COMMIT_LSN: &str = "Outbox-Commit-Lsn";
 pub const TX_INDEX: &str = "Outbox-Tx-Index";
 pub const ORIGIN: &str = "Outbox-Origin";
+/// With `{partition:N}` in `routing.subject`: the partition of the aggregate id.
+pub const PARTITION: &str = "Outbox-Partition";
 /// Dead letters only: why the event could not be published, and where it was going.
 pub const DLQ_REASON: &str = "Outbox-Dlq-Reason";
 pub const DLQ_SUBJECT: &str = "Outbox-Dlq-Original-Subject";
@@ -43,9 +45,10 @@ pub const REPLAY_OF: &str = "Outbox-Replay-Of";
 pub const REDRIVE: &str = "Outbox-Redrive";
 
 /// Every header name the relay sets itself, for the README and for tests.
-pub fn header_names() -> [&'static str; 19] {
+pub fn header_names() -> [&'static str; 20] {
     [
         ORIGIN,
+        PARTITION,
         MSG_ID,
         EVENT_ID,
         EVENT_TOPIC,

@@ -13,7 +13,7 @@ mod template;
 
 pub use headers::{HeaderSet, format_lsn, header_names};
 pub use subject::{sanitize_token, validate_subject};
-pub use template::{Field, Template};
+pub use template::{Field, MAX_PARTITIONS, Template, partition};
 
 use bytes::Bytes;
 
@@ -176,6 +176,7 @@ impl Router {
             let targets = with_fallbacks(rules, ev, targets);
             return self.rule_envelopes(ev, targets, &mut pos);
         }
+        let templated = !explicit;
         let targets = match &ev.destination_topics {
             Some(raw) if explicit => destination_subjects(raw),
             _ => self.template.render(ev).map(|subject| vec![Ok(subject)]),
@@ -197,7 +198,21 @@ impl Router {
                     Err((subject, reason)) => (sanitize_subject_for_dlq(&subject), Some(reason)),
                 };
                 let msg_id = fan_out.then(|| copy_msg_id(ev, n, &subject, dead_letter.is_some()));
-                self.envelope(ev, pos(), subject, msg_id, dead_letter)
+                let ok = dead_letter.is_none();
+                let mut env = self.envelope(ev, pos(), subject, msg_id, dead_letter);
+                // `{partition:N}` in routing.subject: the partition also as a header.
+                if let (true, true, Some(n), Some(id)) = (
+                    templated,
+                    ok,
+                    self.template.partitions(),
+                    template::Field::AggregateId.value(ev),
+                ) {
+                    env.headers.insert(
+                        headers::PARTITION,
+                        headers::value(&template::partition(id.as_bytes(), n).to_string()),
+                    );
+                }
+                env
             })
             .collect()
     }

@@ -52,6 +52,24 @@ impl Field {
 enum Part {
     Literal(String),
     Field(Field),
+    /// `{partition:N}`: [`partition`] of the aggregate id.
+    Partition(u32),
+}
+
+/// Most partitions a `{partition:N}` placeholder may name.
+pub const MAX_PARTITIONS: u32 = 1_000_000;
+
+/// The partition of `key` among `n`: FNV-1a (32-bit) of its bytes, modulo `n`. The same
+/// function as nats-server's subject-mapping `partition(n, k)` over one token (its
+/// `getHashPartition`), so a consumer may compute it either way: `{partition:N}` in a
+/// subject equals the server's `{{partition(N,k)}}` where token `k` is the aggregate id.
+pub fn partition(key: &[u8], n: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % n.max(1)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +89,18 @@ impl Template {
                 return Err(format!("unclosed {{ in {text:?}"));
             };
             let name = &rest[open + 1..open + close];
+            if let Some(n) = name.strip_prefix("partition:") {
+                let n = n
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PARTITIONS).contains(n))
+                    .ok_or_else(|| {
+                        format!("{{{name}}}: the partition count must be a whole number from 1 to {MAX_PARTITIONS}")
+                    })?;
+                parts.push(Part::Partition(n));
+                rest = &rest[open + close + 1..];
+                continue;
+            }
             let field = Field::ALL
                 .iter()
                 .find(|(n, _)| *n == name)
@@ -97,11 +127,19 @@ impl Template {
             .iter()
             .map(|p| match p {
                 Part::Literal(l) => l.as_str(),
-                Part::Field(_) => "x",
+                Part::Field(_) | Part::Partition(_) => "x",
             })
             .collect();
         validate_subject(&probe)?;
         Ok(Template { parts })
+    }
+
+    /// The partition count of a `{partition:N}` placeholder, if the template has one.
+    pub fn partitions(&self) -> Option<u32> {
+        self.parts.iter().find_map(|p| match p {
+            Part::Partition(n) => Some(*n),
+            _ => None,
+        })
     }
 
     /// The subject for `ev`; an error (a dead-letter reason) when a field it needs is NULL
@@ -123,6 +161,14 @@ impl Template {
         for p in &self.parts {
             match p {
                 Part::Literal(l) => out.push_str(l),
+                Part::Partition(n) => {
+                    let id = Field::AggregateId
+                        .value(ev)
+                        .filter(|v| !v.is_empty())
+                        .ok_or("field aggregate_id is null or empty but {partition:N} hashes it")?;
+                    use std::fmt::Write;
+                    let _ = write!(out, "{}", partition(id.as_bytes(), *n));
+                }
                 Part::Field(f) => {
                     let v = f.value(ev).filter(|v| !v.is_empty()).ok_or_else(|| {
                         format!(

@@ -421,3 +421,56 @@ subject = "x"
     let envs = route(&r, &ev);
     assert_eq!(envs[0].fallback, FallbackRole::Available(0));
 }
+
+/// FNV-1a (32-bit), the hash nats-server's `partition()` mapping uses: its published
+/// test vectors, and the placeholder and header that carry it.
+#[test]
+fn partition_placeholder_hashes_the_aggregate_id_like_nats_server() {
+    assert_eq!(partition(b"", u32::MAX), 0x811c_9dc5);
+    assert_eq!(partition(b"a", u32::MAX), 0xe40c_292c);
+    assert_eq!(partition(b"foobar", u32::MAX), 0xbf9c_f968);
+    assert_eq!(partition(b"foobar", 7), 0xbf9c_f968 % 7);
+    let r = Router::new(
+        Template::parse("outbox.{aggregate_type}.{partition:8}").unwrap(),
+        "app/outbox_relay",
+    );
+    let envs = route(&r, &event("created", Some("order")));
+    let p = partition(b"42", 8);
+    assert_eq!(envs[0].subject, format!("outbox.order.{p}"));
+    assert_eq!(
+        header(&envs[0], headers::PARTITION),
+        Some(p.to_string().as_str())
+    );
+    // Without the placeholder, no header.
+    let envs = route(&router(), &event("created", Some("order")));
+    assert_eq!(header(&envs[0], headers::PARTITION), None);
+    // No aggregate id: a dead letter with the reason, never a guessed partition.
+    let mut ev = event("created", Some("order"));
+    ev.aggregate_id = None;
+    let envs = route(&r, &ev);
+    assert!(
+        envs[0]
+            .dead_letter
+            .as_deref()
+            .is_some_and(|d| d.contains("aggregate_id")),
+        "{:?}",
+        envs[0].dead_letter
+    );
+    for bad in [
+        "x.{partition:0}",
+        "x.{partition:}",
+        "x.{partition:-1}",
+        "x.{partition:1000001}",
+    ] {
+        let e = Template::parse(bad).unwrap_err();
+        assert!(e.contains("partition count"), "{bad}: {e}");
+    }
+    assert_eq!(
+        Template::parse("x.{partition:3}").unwrap().partitions(),
+        Some(3)
+    );
+    assert_eq!(
+        Template::parse("x.{aggregate_id}").unwrap().partitions(),
+        None
+    );
+}
