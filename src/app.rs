@@ -340,6 +340,14 @@ impl Session<'_> {
         checkpoint
             .rebind(&identity.system_id, identity.timeline, start)
             .await?;
+        let partitions = crate::route::Template::parse(&cfg.routing.subject)
+            .ok()
+            .and_then(|t| t.partitions());
+        if let Some(before) = checkpoint.note_partitions(partitions).await?
+            && before.is_some()
+        {
+            tracing::warn!("{}", crate::cli::partitions_changed(before, partitions));
+        }
         let index = StreamIndex::load(&js, crate::sink::streams::reach(cfg)).await?;
         let mut readback: std::collections::BTreeSet<String> = checkpoint.record().streams.clone();
         readback.extend(cfg.streams.iter().map(|s| s.name.clone()));

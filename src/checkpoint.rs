@@ -72,6 +72,10 @@ pub struct Record {
     /// read back the older way (down to the first of our messages before `lsn`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub floors: BTreeMap<String, u64>,
+    /// The `{partition:N}` count of `routing.subject` the last session published with:
+    /// a change moves aggregates to other partitions, which `check` and `run` say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
     /// Written by a relay before positions were bound to a server (a bare `X/X`): no
     /// stream list, and the slot may legitimately stand after it.
     #[serde(skip)]
@@ -211,6 +215,19 @@ impl Checkpoint {
         next.lsn = lsn;
         next.legacy = false;
         self.write(next).await
+    }
+
+    /// Remember the partition count this session publishes with; the one saved before
+    /// (`None`: none, or an older relay), when it differs.
+    pub async fn note_partitions(&mut self, n: Option<u32>) -> Result<Option<Option<u32>>> {
+        if self.record.partitions == n {
+            return Ok(None);
+        }
+        let before = self.record.partitions;
+        let mut next = self.record.clone();
+        next.partitions = n;
+        self.write(next).await?;
+        Ok(Some(before))
     }
 
     /// Is `stream` among the streams this source published to?
@@ -582,6 +599,7 @@ mod tests {
             timeline: Some(2),
             streams: ["DLQ".to_string(), "OUTBOX".to_string()].into(),
             floors: [("OUTBOX".to_string(), 17)].into(),
+            partitions: Some(8),
             legacy: false,
         };
         let bytes = r.encode().unwrap();

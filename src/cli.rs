@@ -56,6 +56,18 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
                 if let Err(e) = slot_guard(cfg, &js).await {
                     problems.push(problem(&e.message, e.hint.as_deref()));
                 }
+                let partitions = crate::route::Template::parse(&cfg.routing.subject)
+                    .ok()
+                    .and_then(|t| t.partitions());
+                if let Ok(origin) = crate::app::origin(cfg)
+                    && let Ok(Some(r)) =
+                        crate::checkpoint::Checkpoint::peek(&js, &cfg.checkpoint.bucket, &origin)
+                            .await
+                    && r.partitions.is_some()
+                    && r.partitions != partitions
+                {
+                    notes.push(partitions_changed(r.partitions, partitions));
+                }
                 match sink::streams::StreamIndex::load(&js, sink::streams::reach(cfg)).await {
                     Ok(index) => {
                         capture_problems(cfg, &index, &mut problems, &mut notes);
@@ -70,6 +82,19 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
         Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
     }
     (problems, notes)
+}
+
+/// What a change of `{partition:N}` between runs does, for `check` and `run`.
+pub fn partitions_changed(before: Option<u32>, now: Option<u32>) -> String {
+    let count =
+        |n: Option<u32>| n.map_or("no partition".to_string(), |n| format!("{n} partitions"));
+    format!(
+        "routing.subject changed from {} to {}: aggregates move to other partition subjects, \
+         so a consumer per partition may see an aggregate's later events before its earlier ones \
+         still queued on the old partition; drain the consumers before the change",
+        count(before),
+        count(now)
+    )
 }
 
 /// Would `run` stream from this slot? The checkpoint against the server (another

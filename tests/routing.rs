@@ -653,4 +653,13 @@ async fn partition_placeholder_agrees_with_the_servers_partition_mapping() {
         "200 ids spread over all 4 partitions: {used:?}"
     );
     relay.assert_running("after partitioned routing");
+    // The count is remembered with the checkpoint: `check` says what a change does.
+    env.write_config("[routing]\nsubject = \"parts.{partition:8}.{aggregate_id}\"\n");
+    let out = env.cli(&["check"]);
+    assert!(
+        out.text()
+            .contains("note: routing.subject changed from 4 partitions to 8 partitions"),
+        "{}",
+        out.text()
+    );
 }
