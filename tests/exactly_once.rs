@@ -435,6 +435,22 @@ authorization {
 no_auth_user: admin
 "#;
 
+/// Servers under [`NARROW_PERMISSIONS`], with a stream `name` on `subject` that the
+/// admin (the `no_auth_user`) owns and the relay's user may not read.
+async fn narrow_env_with_foreign_stream(name: &str, subject: &str) -> (Env, jetstream::Context) {
+    let env = Env::start_with(Postgres::start(), Nats::start_with(NARROW_PERMISSIONS)).await;
+    let admin = env.js().await;
+    admin
+        .create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (env, admin)
+}
+
 /// Issue 14 (6): another application's stream `OTHER`, which the relay's user may not
 /// read (no `INFO`, no message reads, no `STREAM.LIST`: the narrowed permissions of
 /// docs/security.md). The relay migrates, delivers 200 rows, is killed mid-stream and
@@ -442,17 +458,7 @@ no_auth_user: admin
 /// every stream (`STREAM.LIST`, denied) and the session never opened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forbidden_foreign_stream_changes_nothing_under_narrow_permissions() {
-    let env = Env::start_with(Postgres::start(), Nats::start_with(NARROW_PERMISSIONS)).await;
-    // The admin (no_auth_user) owns OTHER and its messages.
-    let admin = env.js().await;
-    admin
-        .create_stream(jetstream::stream::Config {
-            name: "OTHER".into(),
-            subjects: vec!["other.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (env, admin) = narrow_env_with_foreign_stream("OTHER", "other.>").await;
     for i in 0..20 {
         admin
             .publish(format!("other.{i}"), "theirs".into())
@@ -514,16 +520,7 @@ async fn a_forbidden_foreign_stream_changes_nothing_under_narrow_permissions() {
 /// waiting events arrive in `SECRET`, once, and everything after them follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_stream_that_captures_a_subject_holds_its_events() {
-    let env = Env::start_with(Postgres::start(), Nats::start_with(NARROW_PERMISSIONS)).await;
-    let admin = env.js().await;
-    admin
-        .create_stream(jetstream::stream::Config {
-            name: "SECRET".into(),
-            subjects: vec!["outbox.secret.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (env, admin) = narrow_env_with_foreign_stream("SECRET", "outbox.secret.>").await;
     // OUTBOX must leave `outbox.secret.>` to SECRET (streams may not overlap).
     let text = std::fs::read_to_string(env.config_path()).unwrap().replace(
         r#"subjects = ["outbox.>"]"#,

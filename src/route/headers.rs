@@ -502,21 +502,8 @@ mod tests {
     /// exactly-once proof needs all four), and metadata headers; nothing from columns.
     #[test]
     fn compact_profile_keeps_id_position_origin_and_metadata() {
-        let mut ev = OutboxEvent::new(
-            Bytes::from_static(b"id-1"),
-            Bytes::from_static(b"created"),
-            Bytes::from_static(b"{}"),
-        );
-        let col = |v: &'static str| Some(Bytes::from_static(v.as_bytes()));
-        ev.aggregate_type = col("order");
-        ev.aggregate_id = col("42");
-        ev.tenant_id = col("acme");
-        ev.occurred_at = col("2026-12-02 08:00:00+00");
-        ev.metadata = col(r#"{"traceparent":"00-abc-def-01"}"#);
-        let pos = Position {
-            commit_lsn: 0x1_0000_00A0,
-            index: 3,
-        };
+        let (mut ev, pos) = full_row();
+        ev.metadata = Some(Bytes::from_static(br#"{"traceparent":"00-abc-def-01"}"#));
         let h = HeaderSet::new("app/outbox_relay")
             .compact(true)
             .build(&ev, pos, None);
@@ -528,8 +515,8 @@ mod tests {
         assert_eq!(h.get(TX_INDEX).map(|v| v.as_str()), Some("3"));
     }
 
-    #[test]
-    fn every_header_from_a_full_row() {
+    /// A row with every column that becomes a header set, at position (1/A0, 3).
+    fn full_row() -> (OutboxEvent, Position) {
         let mut ev = OutboxEvent::new(
             Bytes::from_static(b"id-1"),
             Bytes::from_static(b"created"),
@@ -547,6 +534,12 @@ mod tests {
             commit_lsn: 0x1_0000_00A0,
             index: 3,
         };
+        (ev, pos)
+    }
+
+    #[test]
+    fn every_header_from_a_full_row() {
+        let (ev, pos) = full_row();
         let set = HeaderSet::new("app/outbox_relay");
         // Twice: the second comes from the template.
         for _ in 0..2 {
