@@ -340,9 +340,7 @@ impl Session<'_> {
         checkpoint
             .rebind(&identity.system_id, identity.timeline, start)
             .await?;
-        let partitions = crate::route::Template::parse(&cfg.routing.subject)
-            .ok()
-            .and_then(|t| t.partitions());
+        let partitions = self.router.partitions();
         if let Some(before) = checkpoint.note_partitions(partitions).await?
             && before.is_some()
         {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 
-use crate::exactly_once::relay_permissions;
+use crate::exactly_once::{RELAY_CREDS as CREDS, relay_permissions};
 use crate::faults::Producer;
 use crate::harness::*;
 use crate::support::nats::Nats;
@@ -27,10 +27,6 @@ use crate::support::postgres::{Postgres, StopMode};
 use crate::support::{file_len, read_from, wait_for};
 
 /// The relay's NATS user, denied `outbox.payment.>` while [`DENY`] is in force.
-const CREDS: [(&str, &str); 2] = [
-    ("OUTBOX_RELAY_NATS_USER", "relay"),
-    ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
-];
 const DENY: &str = r#", deny: ["outbox.payment.>"]"#;
 /// The harness config's `nats.ack_timeout`: a freeze lasts longer.
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);

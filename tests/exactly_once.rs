@@ -243,6 +243,13 @@ async fn start_on_a_lagging_slot_is_not_a_stall() {
 }
 
 /// The relay's NATS user: publish everywhere the relay needs, minus `deny`.
+/// The relay's nats user in [`relay_permissions`] and [`NARROW_PERMISSIONS`], as
+/// environment overrides.
+pub(crate) const RELAY_CREDS: [(&str, &str); 2] = [
+    ("OUTBOX_RELAY_NATS_USER", "relay"),
+    ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
+];
+
 pub(crate) fn relay_permissions(deny: &str) -> String {
     format!(
         r#"
@@ -273,11 +280,7 @@ async fn denied_events_wait_and_arrive_once_after_the_grant() {
     let mut env = Env::start_with(Postgres::start(), nats).await;
     let out = env.cli(&["migrate"]);
     assert!(out.status.success(), "{}", out.text());
-    let creds = [
-        ("OUTBOX_RELAY_NATS_USER", "relay"),
-        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
-    ];
-    let mut relay = env.spawn_relay_env(&creds);
+    let mut relay = env.spawn_relay_env(&RELAY_CREDS);
     let c = env.sql().await;
     for tx in 0..40 {
         c.execute(
@@ -359,11 +362,7 @@ async fn late_stored_messages_do_not_hide_earlier_ones_from_the_read_back() {
     env.write_config("duplicate_window = \"1s\"");
     let out = env.cli(&["migrate"]);
     assert!(out.status.success(), "{}", out.text());
-    let creds = [
-        ("OUTBOX_RELAY_NATS_USER", "relay"),
-        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
-    ];
-    let mut relay = env.spawn_relay_env(&creds);
+    let mut relay = env.spawn_relay_env(&RELAY_CREDS);
     let c = env.sql().await;
     for kind in ["payment", "order", "refund", "order"] {
         c.execute(
@@ -467,15 +466,11 @@ async fn a_forbidden_foreign_stream_changes_nothing_under_narrow_permissions() {
             .await
             .unwrap();
     }
-    let creds = [
-        ("OUTBOX_RELAY_NATS_USER", "relay"),
-        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
-    ];
-    let out = env.cli_env(&["migrate"], &creds);
+    let out = env.cli_env(&["migrate"], &RELAY_CREDS);
     assert!(out.status.success(), "{}", out.text());
-    let out = env.cli_env(&["check"], &creds);
+    let out = env.cli_env(&["check"], &RELAY_CREDS);
     assert!(out.status.success(), "{}", out.text());
-    let mut relay = env.spawn_relay_env(&creds);
+    let mut relay = env.spawn_relay_env(&RELAY_CREDS);
     let c = env.sql().await;
     let mut ids = Vec::new();
     for _ in 0..10 {
@@ -527,13 +522,9 @@ async fn an_unreadable_stream_that_captures_a_subject_holds_its_events() {
         r#"subjects = ["outbox.order.>", "outbox.dlq.>"]"#,
     );
     env.write_raw_config(&text);
-    let creds = [
-        ("OUTBOX_RELAY_NATS_USER", "relay"),
-        ("OUTBOX_RELAY_NATS_PASSWORD", "relay-pw"),
-    ];
-    let out = env.cli_env(&["migrate"], &creds);
+    let out = env.cli_env(&["migrate"], &RELAY_CREDS);
     assert!(out.status.success(), "{}", out.text());
-    let mut relay = env.spawn_relay_env(&creds);
+    let mut relay = env.spawn_relay_env(&RELAY_CREDS);
     let c = env.sql().await;
     let before = insert_tx(&c, 10, "before").await;
     c.execute(

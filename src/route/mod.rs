@@ -90,6 +90,11 @@ impl Router {
         }
     }
 
+    /// The `{partition:N}` count of the subject template, if it has one.
+    pub fn partitions(&self) -> Option<u32> {
+        self.template.partitions()
+    }
+
     /// The compact header profile (`routing.headers = "compact"`).
     pub fn with_compact_headers(mut self, compact: bool) -> Self {
         self.headers = self.headers.compact(compact);
