@@ -476,11 +476,17 @@ fn page_sql(cfg: &Config, window: &Window) -> Result<String> {
         &c.metadata,
         &c.occurred_at,
         &c.created_at,
+        &c.content_type,
     ]
     .map(|n| col(n))
     .join(", ");
+    // Whether the payload is bytea, whose text form `event_of` decodes back to bytes.
+    let bytea = format!(
+        "pg_typeof({}) = 'bytea'::regtype",
+        admin::quote_ident(&c.payload)
+    );
     Ok(format!(
-        "SELECT {cols} FROM {table} \
+        "SELECT {cols}, {bytea} FROM {table} \
          WHERE ({created}, {id}::text) > ($1::text::timestamptz, $2::text) \
            AND ($4::text IS NULL OR {created} >= $4::text::timestamptz) \
            AND ($5::text IS NULL OR {created} < $5::text::timestamptz) \
@@ -513,10 +519,18 @@ fn event_of(row: &tokio_postgres::Row) -> OutboxEvent {
     let get = |i: usize| -> Option<bytes::Bytes> {
         row.get::<_, Option<String>>(i).map(bytes::Bytes::from)
     };
+    let mut payload = get(2).unwrap_or_default();
+    // The same bytes the relay published (`RowMapping::event`); text that is not bytea
+    // cannot come from PostgreSQL, and is left as it is.
+    if row.get::<_, Option<bool>>(14) == Some(true)
+        && let Ok(bytes) = crate::decode::bytea::decode(&payload)
+    {
+        payload = bytes::Bytes::from(bytes);
+    }
     OutboxEvent {
         id: get(0).unwrap_or_default(),
         event_topic: get(1).unwrap_or_default(),
-        payload: get(2).unwrap_or_default(),
+        payload,
         aggregate_type: get(3),
         aggregate_id: get(4),
         tenant_id: get(5),
@@ -527,6 +541,7 @@ fn event_of(row: &tokio_postgres::Row) -> OutboxEvent {
         metadata: get(10),
         occurred_at: get(11),
         created_at: get(12),
+        content_type: get(13),
     }
 }
 
@@ -613,8 +628,24 @@ impl Audit {
         let js = crate::sink::jetstream(client, cfg);
         let index = StreamIndex::load(&js, reach(cfg)).await?;
         let sql = admin::connect(cfg).await?;
+        // Like the relay (`RowMapping::resolve`), an optional field whose column the
+        // table lacks is unset rather than an error: read as NULL.
+        let mut cfg = cfg.clone();
+        let (schema, table) = cfg.outbox.qualified();
+        let present = admin::table_columns(&sql, &schema, &table).await?;
+        let columns = &mut cfg.outbox.columns;
+        let required: Vec<String> = columns
+            .required_fields()
+            .iter()
+            .map(|(_, c)| c.to_string())
+            .collect();
+        for name in columns.optional_mut() {
+            if !present.contains(name) && !required.contains(name) {
+                name.clear();
+            }
+        }
         Ok(Audit {
-            cfg: cfg.clone(),
+            cfg,
             origin,
             router,
             js,

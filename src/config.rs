@@ -187,6 +187,9 @@ pub struct OutboxConfig {
     /// Prefix of transactional `pg_logical_emit_message` calls that carry table-less
     /// events (routed like rows). Empty: logical messages are ignored.
     pub message_prefix: String,
+    /// `Content-Type` header of every message whose row has no content type of its own
+    /// (`outbox.columns.content_type` NULL or unmapped). Empty: no header.
+    pub content_type: String,
 }
 
 impl Default for OutboxConfig {
@@ -195,6 +198,7 @@ impl Default for OutboxConfig {
             table: "public.outbox_events".into(),
             columns: ColumnMap::default(),
             message_prefix: "outbox".into(),
+            content_type: String::new(),
         }
     }
 }
@@ -487,6 +491,15 @@ impl Config {
                     "name an existing column of the outbox table",
                 ));
             }
+        }
+        if !self.outbox.content_type.is_empty()
+            && !crate::route::headers::is_header_value(&self.outbox.content_type)
+        {
+            return Err(bad_key(
+                "outbox.content_type",
+                format!("{:?} cannot be a header value", self.outbox.content_type),
+                "use a media type such as \"application/octet-stream\" or \"application/json\"",
+            ));
         }
         // A cluster is given as a comma-separated list of URLs.
         for part in self.nats.url.expose().split(',').map(str::trim) {

@@ -81,6 +81,48 @@ pub fn decode_one(data: &[u8]) {
     }
 }
 
+/// Target `bytea`: any bytes, read as a `bytea` payload's text form, decode to bytes or
+/// an error, never a panic; whatever they decode to, written back by PostgreSQL in
+/// either `bytea_output` format, decodes to the same bytes; and the input itself, as
+/// raw bytes stored in a `bytea` column, comes back exactly from both formats.
+pub fn bytea_one(data: &[u8]) {
+    use crate::decode::bytea::decode;
+    if let Ok(bytes) = decode(data) {
+        assert_eq!(decode(&bytea_hex_out(&bytes)).as_ref(), Ok(&bytes));
+        assert_eq!(decode(&bytea_escape_out(&bytes)).as_ref(), Ok(&bytes));
+    }
+    assert_eq!(decode(&bytea_hex_out(data)).as_deref(), Ok(data));
+    assert_eq!(decode(&bytea_escape_out(data)).as_deref(), Ok(data));
+}
+
+/// PostgreSQL's `byteaout` with `bytea_output = hex`.
+pub fn bytea_hex_out(bytes: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = Vec::with_capacity(2 + 2 * bytes.len());
+    s.extend_from_slice(b"\\x");
+    for &b in bytes {
+        s.push(HEX[usize::from(b >> 4)]);
+        s.push(HEX[usize::from(b & 0xf)]);
+    }
+    s
+}
+
+/// PostgreSQL's `byteaout` with `bytea_output = escape`: a backslash doubled, bytes
+/// outside 0x20..=0x7e as `\ooo`.
+pub fn bytea_escape_out(bytes: &[u8]) -> Vec<u8> {
+    let mut s = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        match b {
+            b'\\' => s.extend_from_slice(b"\\\\"),
+            0x20..=0x7e => s.push(b),
+            _ => {
+                s.extend_from_slice(&[b'\\', b'0' + (b >> 6), b'0' + (b >> 3 & 7), b'0' + (b & 7)])
+            }
+        }
+    }
+    s
+}
+
 /// Target `route`: a rules file, a subject template, an enforced prefix and an event, all
 /// arbitrary (see [`RouteInput`]). The rules are compiled when they compile, the event is
 /// routed; routing it again, and routing it with the rules compiled a second time (a

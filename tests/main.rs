@@ -15,6 +15,7 @@ mod helpers;
 mod hostile;
 mod monitoring;
 mod ops;
+mod payloads;
 mod routing;
 mod scaling;
 mod security;

@@ -32,6 +32,10 @@ pub struct ColumnMap {
     pub metadata: String,
     pub occurred_at: String,
     pub created_at: String,
+    /// The payload's media type, written as the `Content-Type` header (optional; the
+    /// default table has no such column, and `outbox.content_type` can name one type
+    /// for every row instead).
+    pub content_type: String,
 }
 
 impl Default for ColumnMap {
@@ -50,6 +54,7 @@ impl Default for ColumnMap {
             metadata: "metadata".to_owned(),
             occurred_at: "occurred_at".to_owned(),
             created_at: "created_at".to_owned(),
+            content_type: "content_type".to_owned(),
         }
     }
 }
@@ -99,6 +104,8 @@ pub enum MapError {
         "outbox row's {field} arrived in binary format: the slot must stream pgoutput text format (no binary option)"
     )]
     BinaryValue { field: &'static str },
+    #[error("outbox row's bytea payload is not valid bytea text: {0}")]
+    BadBytea(#[from] super::bytea::ByteaError),
 }
 
 /// Tuple position of each [`OutboxEvent`] field for one version of the
@@ -110,6 +117,9 @@ pub struct RowMapping {
     id: usize,
     event_topic: usize,
     payload: usize,
+    /// The payload column is `bytea`: its text form (`\\x…` hex) is decoded back to
+    /// the bytes, which are what gets published.
+    payload_bytea: bool,
     aggregate_type: Option<usize>,
     aggregate_id: Option<usize>,
     tenant_id: Option<usize>,
@@ -120,6 +130,7 @@ pub struct RowMapping {
     metadata: Option<usize>,
     occurred_at: Option<usize>,
     created_at: Option<usize>,
+    content_type: Option<usize>,
 }
 
 impl RowMapping {
@@ -137,11 +148,15 @@ impl RowMapping {
                 field,
             })
         };
+        let payload = required(&map.payload, "payload")?;
         Ok(RowMapping {
             width: columns.len(),
             id: required(&map.id, "id")?,
             event_topic: required(&map.event_topic, "event_topic")?,
-            payload: required(&map.payload, "payload")?,
+            payload,
+            payload_bytea: columns
+                .get(payload)
+                .is_some_and(|c| c.type_oid == super::bytea::BYTEA_OID),
             aggregate_type: find(&map.aggregate_type),
             aggregate_id: find(&map.aggregate_id),
             tenant_id: find(&map.tenant_id),
@@ -152,6 +167,7 @@ impl RowMapping {
             metadata: find(&map.metadata),
             occurred_at: find(&map.occurred_at),
             created_at: find(&map.created_at),
+            content_type: find(&map.content_type),
         })
     }
 
@@ -174,10 +190,14 @@ impl RowMapping {
                 return Err(MapError::NotUtf8 { field });
             }
         }
+        let mut payload = required(values, self.payload, "payload")?;
+        if self.payload_bytea {
+            payload = Bytes::from(super::bytea::decode(&payload)?);
+        }
         Ok(OutboxEvent {
             id,
             event_topic,
-            payload: required(values, self.payload, "payload")?,
+            payload,
             aggregate_type: optional(values, self.aggregate_type, "aggregate_type")?,
             aggregate_id: optional(values, self.aggregate_id, "aggregate_id")?,
             tenant_id: optional(values, self.tenant_id, "tenant_id")?,
@@ -188,6 +208,7 @@ impl RowMapping {
             metadata: optional(values, self.metadata, "metadata")?,
             occurred_at: optional(values, self.occurred_at, "occurred_at")?,
             created_at: optional(values, self.created_at, "created_at")?,
+            content_type: optional(values, self.content_type, "content_type")?,
         })
     }
 }
@@ -230,6 +251,7 @@ impl MapError {
                 | MapError::UnchangedToast { .. }
                 | MapError::NotUtf8 { .. }
                 | MapError::BinaryValue { .. }
+                | MapError::BadBytea(_)
         )
     }
 }
@@ -277,6 +299,8 @@ pub struct OutboxEvent {
     pub metadata: Option<Bytes>,
     pub occurred_at: Option<Bytes>,
     pub created_at: Option<Bytes>,
+    /// The payload's media type (`Content-Type`), from its column when mapped.
+    pub content_type: Option<Bytes>,
 }
 
 impl OutboxEvent {
@@ -296,6 +320,7 @@ impl OutboxEvent {
             metadata: None,
             occurred_at: None,
             created_at: None,
+            content_type: None,
         }
     }
 
@@ -314,7 +339,7 @@ impl OutboxEvent {
 
 impl ColumnMap {
     /// `(field, column)` for every mapped field.
-    pub fn fields(&self) -> [(&'static str, &str); 13] {
+    pub fn fields(&self) -> [(&'static str, &str); 14] {
         [
             ("id", &self.id),
             ("event_topic", &self.event_topic),
@@ -329,6 +354,24 @@ impl ColumnMap {
             ("metadata", &self.metadata),
             ("occurred_at", &self.occurred_at),
             ("created_at", &self.created_at),
+            ("content_type", &self.content_type),
+        ]
+    }
+
+    /// The column names of the optional fields, to blank those a table lacks.
+    pub fn optional_mut(&mut self) -> [&mut String; 11] {
+        [
+            &mut self.aggregate_type,
+            &mut self.aggregate_id,
+            &mut self.tenant_id,
+            &mut self.source_bc,
+            &mut self.destination_topics,
+            &mut self.schema_id,
+            &mut self.schema_version,
+            &mut self.metadata,
+            &mut self.occurred_at,
+            &mut self.created_at,
+            &mut self.content_type,
         ]
     }
 
@@ -380,6 +423,7 @@ mod tests {
                 &m.metadata,
                 &m.occurred_at,
                 &m.created_at,
+                &m.content_type,
             ],
             [
                 "id",
@@ -395,8 +439,49 @@ mod tests {
                 "metadata",
                 "occurred_at",
                 "created_at",
+                "content_type",
             ]
         );
+    }
+
+    /// A `bytea` payload column (type oid 17) is published as the bytes its text form
+    /// stands for; a `text` one as its bytes; a row whose bytea text is broken is a row
+    /// problem (dead-lettered), not a stop.
+    #[test]
+    fn bytea_payloads_become_their_bytes_and_text_payloads_stay() {
+        let mut columns = cols(&["id", "event_topic", "payload", "content_type"]);
+        let row = |payload: &str| {
+            Tuple(vec![
+                text("e1"),
+                text("stored"),
+                text(payload),
+                text("image/png"),
+            ])
+        };
+        let as_text = RowMapping::resolve(&columns, &ColumnMap::default()).unwrap();
+        let ev = as_text.event(&row("\\x00ff")).unwrap();
+        assert_eq!(ev.payload.as_ref(), b"\\x00ff");
+        assert_eq!(ev.content_type.as_deref(), Some(&b"image/png"[..]));
+
+        columns[2].type_oid = super::super::bytea::BYTEA_OID;
+        let bytea = RowMapping::resolve(&columns, &ColumnMap::default()).unwrap();
+        assert_eq!(
+            bytea.event(&row("\\x00ff7b")).unwrap().payload.as_ref(),
+            [0, 0xff, b'{']
+        );
+        assert_eq!(
+            bytea.event(&row("\\000\\\\")).unwrap().payload.as_ref(),
+            [0, b'\\']
+        );
+        let err = bytea.event(&row("\\x0")).unwrap_err();
+        assert!(err.is_row_problem());
+        assert_eq!(
+            err.to_string(),
+            "outbox row's bytea payload is not valid bytea text: odd number of hexadecimal digits in the bytea text"
+        );
+        // The dead letter shows the text as it came.
+        let dead = bytea.unmappable_event(&row("\\x0"), 1, 0);
+        assert_eq!(dead.payload.as_ref(), b"\\x0");
     }
 
     #[test]

@@ -42,6 +42,8 @@ struct Shape<'a> {
     destination_topics: Option<&'a RawValue>,
     #[serde(borrow)]
     metadata: Option<&'a RawValue>,
+    #[serde(borrow)]
+    content_type: Option<&'a RawValue>,
 }
 
 /// The id of a message event without one: its WAL position, the same on every replay.
@@ -102,6 +104,7 @@ pub fn event_from_message(content: &Bytes, lsn: u64) -> Result<OutboxEvent, Stri
         metadata: shape.metadata.filter(null).map(raw),
         occurred_at: text("occurred_at", shape.occurred_at)?,
         created_at: None,
+        content_type: text("content_type", shape.content_type)?,
     })
 }
 

@@ -11,6 +11,7 @@
 //! - [`event`]: [`ColumnMap`] (config: which column holds which field),
 //!   [`RowMapping`] (those names resolved to tuple positions) and
 //!   [`OutboxEvent`] (one mapped row).
+//! - [`bytea`]: a `bytea` payload's text form (hex or escape) back to its bytes.
 //! - [`message`]: a transactional logical message (`pg_logical_emit_message`) as an
 //!   [`OutboxEvent`], for table-less events.
 //!
@@ -24,6 +25,7 @@
 //! Nothing panics on any input: malformed bytes are a [`DecodeError`], rows
 //! that do not fit the table's columns a [`MapError`].
 
+pub mod bytea;
 pub mod event;
 pub mod message;
 pub mod pgoutput;

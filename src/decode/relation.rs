@@ -34,7 +34,7 @@ enum Entry {
     Other,
     /// The outbox table, with the mapping from its current columns or the
     /// reason they cannot be mapped.
-    Outbox(Result<RowMapping, MapError>),
+    Outbox(Box<Result<RowMapping, MapError>>),
 }
 
 /// Latest known Relation per id, with the outbox table's [`RowMapping`]
@@ -68,7 +68,7 @@ impl RelationCache {
     /// precede an ALTER that fixes it, and no row may ever need it).
     pub fn update(&mut self, rel: Relation) {
         let entry = if rel.namespace == self.target_namespace && rel.name == self.target_table {
-            Entry::Outbox(RowMapping::resolve(&rel.columns, &self.columns))
+            Entry::Outbox(Box::new(RowMapping::resolve(&rel.columns, &self.columns)))
         } else {
             // A rename away from the target lands here too, so rows of the
             // renamed table stop being relayed, as the config asks.
@@ -84,8 +84,10 @@ impl RelationCache {
         match self.entries.get(&relation_id) {
             None => Err(MapError::UnknownRelation(relation_id)),
             Some(Entry::Other) => Ok(None),
-            Some(Entry::Outbox(Ok(mapping))) => Ok(Some(mapping)),
-            Some(Entry::Outbox(Err(err))) => Err(err.clone()),
+            Some(Entry::Outbox(m)) => match m.as_ref() {
+                Ok(mapping) => Ok(Some(mapping)),
+                Err(err) => Err(err.clone()),
+            },
         }
     }
 }

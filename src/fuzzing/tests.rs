@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{RouteInput, decode_one, route_one};
+use super::{RouteInput, bytea_one, decode_one, route_one};
 use crate::decode::OutboxEvent;
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -49,6 +49,11 @@ fn replay(target: &str, one: fn(&[u8])) {
 #[test]
 fn decode_corpus_replays() {
     replay("decode", decode_one);
+}
+
+#[test]
+fn bytea_corpus_replays() {
+    replay("bytea", bytea_one);
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub const OCCURRED_AT: &str = "Outbox-Occurred-At";
 pub const COMMIT_LSN: &str = "Outbox-Commit-Lsn";
 pub const TX_INDEX: &str = "Outbox-Tx-Index";
 pub const ORIGIN: &str = "Outbox-Origin";
+/// The payload's media type, from the row's content-type column or
+/// `outbox.content_type` (absent when neither says).
+pub const CONTENT_TYPE: &str = "Content-Type";
 /// With `{partition:N}` in `routing.subject`: the partition of the aggregate id.
 pub const PARTITION: &str = "Outbox-Partition";
 /// Dead letters only: why the event could not be published, and where it was going.
@@ -45,9 +48,10 @@ pub const REPLAY_OF: &str = "Outbox-Replay-Of";
 pub const REDRIVE: &str = "Outbox-Redrive";
 
 /// Every header name the relay sets itself, for the README and for tests.
-pub fn header_names() -> [&'static str; 20] {
+pub fn header_names() -> [&'static str; 21] {
     [
         ORIGIN,
+        CONTENT_TYPE,
         PARTITION,
         MSG_ID,
         EVENT_ID,
@@ -93,6 +97,9 @@ pub struct HeaderSet {
     /// `routing.headers = "compact"`: only `Nats-Msg-Id`, the position and the origin
     /// (plus metadata headers); no event id, aggregate or column headers.
     compact: bool,
+    /// `outbox.content_type`: the `Content-Type` of rows whose own column is NULL or
+    /// unmapped.
+    content_type: Option<Bytes>,
     /// Interior mutability keeps routing `&self`; a session routes on one task.
     template: RefCell<Option<Template>>,
 }
@@ -104,6 +111,7 @@ impl Clone for HeaderSet {
             names: self.names.clone(),
             origin: self.origin.clone(),
             compact: self.compact,
+            content_type: self.content_type.clone(),
             template: RefCell::new(None),
         }
     }
@@ -123,10 +131,13 @@ struct Names {
 }
 
 /// Headers from columns that usually repeat from one message to the next.
-const STICKY: usize = 7;
+const STICKY: usize = 8;
 
 /// The raw column values behind the sticky headers, in the order of `Names::sticky`.
-fn sticky_values(ev: &OutboxEvent) -> [Option<&Bytes>; STICKY] {
+fn sticky_values<'a>(
+    ev: &'a OutboxEvent,
+    content_type: Option<&'a Bytes>,
+) -> [Option<&'a Bytes>; STICKY] {
     [
         Some(&ev.event_topic),
         ev.aggregate_type.as_ref(),
@@ -135,6 +146,7 @@ fn sticky_values(ev: &OutboxEvent) -> [Option<&Bytes>; STICKY] {
         ev.schema_id.as_ref(),
         ev.schema_version.as_ref(),
         ev.occurred_at.as_ref(),
+        content_type,
     ]
 }
 
@@ -176,12 +188,22 @@ impl HeaderSet {
                     n(SCHEMA_ID),
                     n(SCHEMA_VERSION),
                     n(OCCURRED_AT),
+                    n(CONTENT_TYPE),
                 ],
             },
             origin: value(origin),
             compact: false,
+            content_type: None,
             template: RefCell::new(None),
         }
+    }
+
+    /// `outbox.content_type` (`None` or empty: rows without their own say nothing).
+    pub fn with_content_type(mut self, content_type: Option<&str>) -> Self {
+        self.content_type = content_type
+            .filter(|c| !c.is_empty())
+            .map(|c| Bytes::copy_from_slice(c.as_bytes()));
+        self
     }
 
     /// The compact profile (`routing.headers = "compact"`).
@@ -190,12 +212,16 @@ impl HeaderSet {
         self
     }
 
-    /// The column values behind the sticky headers: none in the compact profile.
-    fn sticky_values<'e>(&self, ev: &'e OutboxEvent) -> [Option<&'e Bytes>; STICKY] {
+    /// The column values behind the sticky headers: in the compact profile only the
+    /// content type (the consumer cannot read it from the payload).
+    fn sticky_values<'a>(&'a self, ev: &'a OutboxEvent) -> [Option<&'a Bytes>; STICKY] {
+        let content_type = ev.content_type.as_ref().or(self.content_type.as_ref());
         if self.compact {
-            return [None; STICKY];
+            let mut only = [None; STICKY];
+            only[STICKY - 1] = content_type;
+            return only;
         }
-        sticky_values(ev)
+        sticky_values(ev, content_type)
     }
 
     /// Headers for one message. Column values are written through [`sanitize`]: the
@@ -324,6 +350,11 @@ pub fn sanitize(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `text` is written as a header value unchanged (no [`sanitize`]ing needed).
+pub fn is_header_value(text: &str) -> bool {
+    is_clean(text) && HeaderValue::from_str(text).is_ok()
+}
+
 /// No control character and no `Nats-Msg-Id`: usable as a header value (or, with the
 /// name rules, a header name) as it is.
 fn is_clean(text: &str) -> bool {
@@ -441,9 +472,10 @@ mod tests {
                 r#"{"traceparent": "00-1"}"#,
                 r#"{"k": 1}"#,
             ])),
+            column(),
         )
             .prop_map(
-                |((lsn, index, id, topic, ty, agg), (tenant, src, sid, sv, at), meta)| {
+                |((lsn, index, id, topic, ty, agg), (tenant, src, sid, sv, at), meta, ct)| {
                     let mut ev = OutboxEvent::new(
                         Bytes::from(id),
                         topic.unwrap_or_else(|| Bytes::from_static(b"t")),
@@ -457,6 +489,7 @@ mod tests {
                     ev.schema_version = sv;
                     ev.occurred_at = at;
                     ev.metadata = meta.map(|m| Bytes::from_static(m.as_bytes()));
+                    ev.content_type = ct;
                     let pos = Position {
                         commit_lsn: lsn << 32 | 0x10,
                         index,
@@ -474,11 +507,13 @@ mod tests {
         fn template_headers_equal_fresh_headers(
             events in proptest::collection::vec(any_event(), 1..40),
             explicit_id in proptest::bool::ANY,
+            default_type in proptest::option::of("[a-z]{1,3}/[a-z]{1,3}"),
         ) {
-            let shared = HeaderSet::new("app/outbox_relay");
+            let set = || HeaderSet::new("app/outbox_relay").with_content_type(default_type.as_deref());
+            let shared = set();
             for (ev, pos) in &events {
                 let msg_id = explicit_id.then_some("id:subject");
-                let fresh = HeaderSet::new("app/outbox_relay").build(ev, *pos, msg_id);
+                let fresh = set().build(ev, *pos, msg_id);
                 proptest::prop_assert_eq!(shared.build(ev, *pos, msg_id), fresh);
             }
         }
@@ -490,9 +525,10 @@ mod tests {
         fn compact_template_headers_equal_fresh_headers(
             events in proptest::collection::vec(any_event(), 1..40),
         ) {
-            let shared = HeaderSet::new("app/outbox_relay").compact(true);
+            let set = || HeaderSet::new("app/outbox_relay").compact(true).with_content_type(Some("a/b"));
+            let shared = set();
             for (ev, pos) in &events {
-                let fresh = HeaderSet::new("app/outbox_relay").compact(true).build(ev, *pos, None);
+                let fresh = set().build(ev, *pos, None);
                 proptest::prop_assert_eq!(shared.build(ev, *pos, None), fresh);
             }
         }
@@ -513,6 +549,37 @@ mod tests {
         assert_eq!(h.get(MSG_ID).map(|v| v.as_str()), Some("id-1"));
         assert_eq!(h.get(COMMIT_LSN).map(|v| v.as_str()), Some("1/A0"));
         assert_eq!(h.get(TX_INDEX).map(|v| v.as_str()), Some("3"));
+    }
+
+    /// `Content-Type`: the row's own, else `outbox.content_type`, else none; kept by the
+    /// compact profile (a consumer cannot read it from the payload).
+    #[test]
+    fn content_type_from_the_row_or_the_config() {
+        let (mut ev, pos) = full_row();
+        let plain = HeaderSet::new("o");
+        assert_eq!(get(&plain.build(&ev, pos, None), CONTENT_TYPE), None);
+        let with_default = HeaderSet::new("o").with_content_type(Some("application/octet-stream"));
+        let h = with_default.build(&ev, pos, None);
+        assert_eq!(get(&h, CONTENT_TYPE), Some("application/octet-stream"));
+        ev.content_type = Some(Bytes::from_static(b"image/png"));
+        assert_eq!(
+            get(&with_default.build(&ev, pos, None), CONTENT_TYPE),
+            Some("image/png")
+        );
+        let compact = HeaderSet::new("o")
+            .compact(true)
+            .with_content_type(Some("x/y"));
+        let h = compact.build(&ev, pos, None);
+        assert_eq!(get(&h, CONTENT_TYPE), Some("image/png"));
+        assert_eq!(
+            h.len(),
+            5,
+            "compact: id, position, origin and the content type"
+        );
+        assert_eq!(
+            HeaderSet::new("o").with_content_type(Some("")).content_type,
+            None
+        );
     }
 
     /// A row with every column that becomes a header set, at position (1/A0, 3).

@@ -101,6 +101,12 @@ impl Router {
         self
     }
 
+    /// `outbox.content_type`: the `Content-Type` of rows that do not carry their own.
+    pub fn with_content_type(mut self, content_type: Option<&str>) -> Self {
+        self.headers = self.headers.with_content_type(content_type);
+        self
+    }
+
     /// Refuse (dead-letter) every subject outside `prefix`, rendered per event.
     pub fn with_prefix(mut self, prefix: Option<Template>) -> Self {
         self.prefix = prefix;

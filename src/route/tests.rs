@@ -17,6 +17,7 @@ fn event(topic: &str, agg: Option<&str>) -> OutboxEvent {
         metadata: None,
         occurred_at: Some(Bytes::from_static(b"2026-11-23 03:55:33.1+00")),
         created_at: None,
+        content_type: None,
     }
 }
 

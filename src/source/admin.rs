@@ -195,18 +195,7 @@ pub async fn environment_problems(client: &Client, cfg: &Config) -> Result<Vec<P
             "run `outbox-relay migrate`, or set [outbox] table to your table",
         ));
     } else {
-        let cols: Vec<String> = client
-            .query(
-                "SELECT a.attname::text FROM pg_attribute a
-                 JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&schema, &table],
-            )
-            .await
-            .map_err(|e| from_pg(&e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let cols = table_columns(client, &schema, &table).await?;
         for (field, column) in cfg.outbox.columns.required_fields() {
             if !cols.iter().any(|c| c == column) {
                 problems.push(Problem::new(
@@ -405,6 +394,22 @@ async fn table_exists(client: &impl GenericClient, schema: &str, table: &str) ->
 /// operator should know (`check` prints them, `run` logs them at start).
 /// What the server settings that bound the relay's safety mean for this deployment,
 /// one line each, whatever their values (`check` prints them; `run` logs them once).
+/// The names of `schema.table`'s columns (none when it does not exist).
+pub async fn table_columns(client: &Client, schema: &str, table: &str) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a
+             JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| from_pg(&e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 pub async fn settings_summary(client: &Client) -> Result<Vec<String>> {
     let rows = client
         .query(

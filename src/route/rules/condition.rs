@@ -455,4 +455,20 @@ mod tests {
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
+
+    /// A payload that is not JSON (a `bytea` column's raw bytes): payload fields are
+    /// missing, as for any other miss; the columns still route.
+    #[test]
+    fn a_binary_payload_has_no_payload_fields() {
+        let mut ev = event(PAYLOAD);
+        ev.payload = bytes::Bytes::from_static(&[0x89, b'P', b'N', b'G', 0, 0xff]);
+        for (cond, want) in [
+            (r#"{ "payload.price" = 1500 }"#, false),
+            (r#"{ "payload.price" = { "$exists" = false } }"#, true),
+            (r#"{ "payload.price" = { "$ne" = 1500 } }"#, true),
+            (r#"{ tenant_id = "acme" }"#, true),
+        ] {
+            assert_eq!(holds_on(cond, &ev), want, "{cond}");
+        }
+    }
 }

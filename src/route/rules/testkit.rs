@@ -33,6 +33,7 @@ pub(super) fn event(payload: &str) -> OutboxEvent {
         )),
         occurred_at: Some(b("2026-11-23 03:55:33.1+00")),
         created_at: None,
+        content_type: None,
     }
 }
 
