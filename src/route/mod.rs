@@ -209,20 +209,11 @@ impl Router {
                     Err((subject, reason)) => (sanitize_subject_for_dlq(&subject), Some(reason)),
                 };
                 let msg_id = fan_out.then(|| copy_msg_id(ev, n, &subject, dead_letter.is_some()));
-                let ok = dead_letter.is_none();
+                let partition = (templated && dead_letter.is_none())
+                    .then(|| self.template.partition_of(ev))
+                    .flatten();
                 let mut env = self.envelope(ev, pos(), subject, msg_id, dead_letter);
-                // `{partition:N}` in routing.subject: the partition also as a header.
-                if let (true, true, Some(n), Some(id)) = (
-                    templated,
-                    ok,
-                    self.template.partitions(),
-                    template::Field::AggregateId.value(ev),
-                ) {
-                    env.headers.insert(
-                        headers::PARTITION,
-                        headers::value(&template::partition(id.as_bytes(), n).to_string()),
-                    );
-                }
+                set_partition(&mut env, partition);
                 env
             })
             .collect()
@@ -268,6 +259,7 @@ impl Router {
                 for (name, value) in t.headers {
                     env.headers.insert(name.as_str(), headers::value(&value));
                 }
+                set_partition(&mut env, t.partition.filter(|_| ok));
                 env
             })
             .collect()
@@ -314,9 +306,19 @@ impl Router {
         for (name, value) in t.headers {
             env.headers.insert(name.as_str(), headers::value(&value));
         }
+        set_partition(&mut env, t.partition);
         self.enforce_prefix(ev, vec![env])
             .pop()
             .filter(|e| e.dead_letter.is_none())
+    }
+}
+
+/// `{partition:N}` in the subject a copy was routed to (`routing.subject` or a rules
+/// target's): the partition also as a header, for consumers that bind to it.
+fn set_partition(env: &mut Envelope, partition: Option<u32>) {
+    if let Some(p) = partition {
+        env.headers
+            .insert(headers::PARTITION, headers::value(&p.to_string()));
     }
 }
 

@@ -142,6 +142,13 @@ impl Template {
         })
     }
 
+    /// `ev`'s partition under this template's `{partition:N}` (none without one, or
+    /// without an aggregate id, when the subject does not render either).
+    pub fn partition_of(&self, ev: &OutboxEvent) -> Option<u32> {
+        let n = self.partitions()?;
+        Some(partition(Field::AggregateId.value(ev)?.as_bytes(), n))
+    }
+
     /// The subject for `ev`; an error (a dead-letter reason) when a field it needs is NULL
     /// or the result is not a valid subject.
     pub fn render(&self, ev: &OutboxEvent) -> Result<String, String> {

@@ -423,6 +423,52 @@ subject = "x"
     assert_eq!(envs[0].fallback, FallbackRole::Available(0));
 }
 
+/// A rules target's `{partition:N}` carries the header too (its own count, whatever
+/// `routing.subject` says), as does a fallback; a dead-lettered target has none.
+#[test]
+fn rules_subjects_with_a_partition_carry_the_header() {
+    let rules = rules::Rules::from_toml(
+        r#"
+[[route]]
+name = "r"
+fallback = { subject = "outbox.fb.{partition:3}" }
+[[route.targets]]
+subject = "outbox.{aggregate_type}.{partition:16}"
+[[route.targets]]
+subject = "outbox.plain"
+[[route.targets]]
+subject = "outbox.{schema_id}.{partition:16}"
+"#,
+    )
+    .unwrap();
+    let r = router().with_rules(Some(rules));
+    let ev = event("created", Some("order"));
+    let envs = route(&r, &ev);
+    let p16 = partition(b"42", 16).to_string();
+    assert_eq!(envs[0].subject, format!("outbox.order.{p16}"));
+    assert_eq!(header(&envs[0], headers::PARTITION), Some(p16.as_str()));
+    assert_eq!(header(&envs[1], headers::PARTITION), None);
+    // The third target's subject fails (schema_id is NULL): best_effort replaces it by
+    // the fallback, with the fallback's partition.
+    let p3 = partition(b"42", 3).to_string();
+    assert_eq!(envs[2].subject, format!("outbox.fb.{p3}"));
+    assert_eq!(header(&envs[2], headers::PARTITION), Some(p3.as_str()));
+    let pos = Position {
+        commit_lsn: LSN,
+        index: 0,
+    };
+    let fb = r.fallback_for(&ev, 0, pos, false).expect("a fallback");
+    assert_eq!(header(&fb, headers::PARTITION), Some(p3.as_str()));
+    // Without a fallback it is a dead letter, and has no partition.
+    let rules = rules::Rules::from_toml(
+        "[[route]]\nname = \"r\"\n[[route.targets]]\nsubject = \"outbox.{schema_id}.{partition:16}\"\n",
+    )
+    .unwrap();
+    let envs = route(&router().with_rules(Some(rules)), &ev);
+    assert!(envs[0].dead_letter.is_some(), "schema_id is null");
+    assert_eq!(header(&envs[0], headers::PARTITION), None);
+}
+
 /// FNV-1a (32-bit), the hash nats-server's `partition()` mapping uses: its published
 /// test vectors, and the placeholder and header that carry it.
 #[test]

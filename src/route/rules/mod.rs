@@ -184,6 +184,9 @@ pub struct RoutedTarget {
     pub headers: Vec<(String, String)>,
     pub delay_seconds: u64,
     pub strategy: Strategy,
+    /// The aggregate id's partition when the subject has `{partition:N}` and rendered
+    /// (the `Outbox-Partition` header).
+    pub partition: Option<u32>,
 }
 
 /// What the rules decided for one event.
@@ -341,9 +344,14 @@ impl Target {
                 Some((name.clone(), super::headers::sanitize(&v).into_owned()))
             })
             .collect();
+        let partition = subject
+            .is_ok()
+            .then(|| self.subject.partition_of(ev))
+            .flatten();
         RoutedTarget {
             route: ri,
             target: which,
+            partition,
             subject,
             payload,
             headers,
