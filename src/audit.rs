@@ -363,7 +363,8 @@ pub async fn read_streams(
                         stored.dead.insert(
                             k,
                             DeadLetter {
-                                // The compact header profile has no event id: the
+                                // Dead letters carry the event id in every profile;
+                                // compact ones written before that did not: the
                                 // message id less a fan-out copy's `:<suffix>`.
                                 event_id: h.get(headers::EVENT_ID).map_or_else(
                                     || id.as_str().split(':').next().unwrap_or("").to_string(),

@@ -214,6 +214,7 @@ pub async fn run(
                     subject: env.subject.clone(),
                     headers: replayed(&env, &run, &opts.mode),
                     payload: env.payload.clone(),
+                    event_id: env.event_id.clone(),
                     stream,
                 };
                 let ack = publish(&a.js, &msg).await?;
@@ -243,6 +244,8 @@ struct Outgoing {
     subject: String,
     headers: HeaderMap,
     payload: bytes::Bytes,
+    /// The row's id, for a dead letter's `Outbox-Event-Id`.
+    event_id: bytes::Bytes,
     /// The stream the index says captures it.
     stream: String,
 }
@@ -422,8 +425,10 @@ async fn dead_letter(
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
     let mut dead = renamed(msg, &id, &format!("{id}:dlq:{run}"));
+    let event_id = dead.event_id.clone();
     let reason = crate::sink::mark_dead_letter(
         &mut dead.headers,
+        &event_id,
         &format!("jetstream refused the message ({code}): {e}"),
         &dead.subject,
         Some(code),

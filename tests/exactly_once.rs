@@ -624,5 +624,26 @@ async fn compact_headers_carry_the_proof_across_a_kill() {
             "Outbox-Tx-Index"
         ]
     );
+    // A dead letter names its row by `Outbox-Event-Id` in this profile too (a fan-out
+    // copy's message id is `<id>:dead letter <n>`).
+    let id: String = c
+        .query_one(
+            r#"INSERT INTO outbox_events (event_topic, aggregate_type, payload, destination_topics)
+               VALUES ('x', 'order', '{}', '["outbox.ok", "outbox.>"]') RETURNING id::text"#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let msgs = wait_read(&js, STREAM, 1502).await;
+    let dead = msgs.last().unwrap();
+    assert_eq!(dead.subject, "outbox.dlq.outbox._");
+    assert_eq!(dead.msg_id(), format!("{id}:dead letter 1"));
+    assert_eq!(dead.header("Outbox-Event-Id"), Some(id.as_str()));
+    assert_eq!(
+        msgs[1500].header("Outbox-Event-Id"),
+        None,
+        "not on the routed copy"
+    );
     relay.assert_running("after the restart");
 }

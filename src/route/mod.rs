@@ -38,6 +38,10 @@ pub struct Envelope {
     /// Set when the event cannot be published as routed; the sink sends it to the
     /// dead-letter subject with this reason.
     pub dead_letter: Option<String>,
+    /// The row's id: a dead letter always carries it as `Outbox-Event-Id`, in the
+    /// compact header profile too, so `dlq` and `audit` name the row without parsing
+    /// `Nats-Msg-Id` (whose fan-out suffix cannot be told from an id with a `:`).
+    pub event_id: Bytes,
     /// The stream that will store it (filled in by the pipeline, for metrics).
     pub stream: String,
     /// Commit time of its transaction, µs since the Unix epoch (0 = unknown), for the
@@ -279,6 +283,7 @@ impl Router {
             subject,
             payload: ev.payload.clone(),
             dead_letter,
+            event_id: ev.id.clone(),
             ..Envelope::default()
         }
     }

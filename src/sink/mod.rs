@@ -430,7 +430,13 @@ impl Sink {
     ) -> Result<()> {
         let subject = format!("{}.{}", self.dlq_prefix, env.subject);
         let mut headers = env.headers;
-        let reason = mark_dead_letter(&mut headers, reason, &env.subject, error_code);
+        let reason = mark_dead_letter(
+            &mut headers,
+            &env.event_id,
+            reason,
+            &env.subject,
+            error_code,
+        );
         tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
         let mut payload = env.payload;
         // Too large or refused even as a dead letter (the dead-letter stream has limits
@@ -495,16 +501,26 @@ impl Sink {
 /// `destination_topics` entry, which a row can make megabytes long.
 const MAX_REASON: usize = 1024;
 
-/// Make `headers` a dead letter's: why (`Outbox-Dlq-Reason`, at most [`MAX_REASON`]
-/// bytes), where it was going (`Outbox-Dlq-Original-Subject`) and, for a message the
-/// server refused, its `err_code`. Returns the reason as written (for the log). The one
-/// place that writes them, for the session's dead letters and for `replay`'s.
+/// Make `headers` a dead letter's: which row (`Outbox-Event-Id`, also in the compact
+/// profile), why (`Outbox-Dlq-Reason`, at most [`MAX_REASON`] bytes), where it was
+/// going (`Outbox-Dlq-Original-Subject`) and, for a message the server refused, its
+/// `err_code`. Returns the reason as written (for the log). The one place that writes
+/// them, for the session's dead letters and for `replay`'s.
 pub fn mark_dead_letter(
     headers: &mut async_nats::HeaderMap,
+    event_id: &[u8],
     reason: &str,
     subject: &str,
     error_code: Option<u64>,
 ) -> String {
+    if headers.get(headers::EVENT_ID).is_none()
+        && let Ok(id) = std::str::from_utf8(event_id)
+    {
+        headers.insert(
+            HeaderName::from_static(headers::EVENT_ID),
+            headers::value(id),
+        );
+    }
     let reason = dead_letter_reason(reason);
     headers.insert(
         HeaderName::from_static(headers::DLQ_REASON),
