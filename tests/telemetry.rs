@@ -274,6 +274,26 @@ async fn producer_spans_are_children_of_the_row_traceparent_and_parents_of_the_m
         );
     }
     assert_ne!(fs[0].span_id, fs[1].span_id);
+
+    // `replay` refills a lost message with the same `traceparent` (the span id is a
+    // function of the message), and exports no span.
+    let stream = js.get_stream(STREAM).await.unwrap();
+    stream.delete_message(msgs[3].seq).await.unwrap();
+    let out = env.cli(&["replay", "--wait", "60s"]);
+    assert!(out.status.success(), "{}", out.text());
+    assert!(out.stdout.contains(": 1 sent"), "{}", out.text());
+    let all = read_all(&js, STREAM).await;
+    let filled: Vec<&Msg> = all
+        .iter()
+        .filter(|m| m.header("Outbox-Replay").is_some())
+        .collect();
+    assert_eq!(filled.len(), 1);
+    assert_eq!(filled[0].header("Outbox-Event-Id"), Some(id_a.as_str()));
+    assert_eq!(
+        filled[0].header("traceparent"),
+        msgs[3].header("traceparent")
+    );
+    assert_eq!(received.len(), 4);
 }
 
 /// A TCP listener that accepts connections and never answers (nor reads).
