@@ -118,7 +118,8 @@ async fn producer_spans_are_children_of_the_row_traceparent_and_parents_of_the_m
     ));
     let out = env.cli(&["check"]);
     assert!(out.status.success(), "{}", out.text());
-    let mut relay = env.spawn_relay();
+    // JSON logs: the per-event line (the dead letter) carries the trace context.
+    let mut relay = env.spawn_relay_env(&[("OUTBOX_RELAY_LOG_FORMAT", "json")]);
     let c = env.sql().await;
     // One transaction, in this order: B (no traceparent), D (not sampled), E
     // (malformed), then the three that make spans: A, C (dead-lettered: no stream
@@ -256,6 +257,14 @@ async fn producer_spans_are_children_of_the_row_traceparent_and_parents_of_the_m
         msgs[4].header("traceparent"),
         Some(format!("00-{T_C}-{}-01", hex(&cspan.span_id)).as_str())
     );
+    let line: serde_json::Value = relay
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "event dead-lettered")
+        .expect("a json log line for the dead letter");
+    assert_eq!(line["fields"]["trace_id"], T_C, "{line}");
+    assert_eq!(line["fields"]["span_id"], hex(&cspan.span_id), "{line}");
 
     // F: one span per copy, each named by its own message.
     let fs = by_trace(T_F);

@@ -480,7 +480,19 @@ impl Sink {
         let subject = format!("{}.{}", self.dlq_prefix, env.subject);
         let mut headers = env.headers;
         let reason = mark_dead_letter(&mut headers, reason, &env.subject, error_code);
-        tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
+        // The message's trace context (the relay's span when telemetry is on), so a
+        // JSON log line joins the trace in a log store.
+        let trace = headers
+            .get(crate::telemetry::TRACEPARENT)
+            .and_then(|v| crate::telemetry::context::TraceParent::parse(v.as_str()));
+        tracing::warn!(
+            subject = %env.subject,
+            dead_letter = %subject,
+            reason,
+            trace_id = trace.map(|t| t.trace_id_hex()).as_deref(),
+            span_id = trace.map(|t| t.span_id_hex()).as_deref(),
+            "event dead-lettered"
+        );
         let mut payload = env.payload;
         // Too large or refused even as a dead letter (the dead-letter stream has limits
         // too). The row is still in the table; the dead letter says where to find it:

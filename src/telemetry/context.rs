@@ -59,6 +59,20 @@ impl TraceParent {
         self.flags & SAMPLED != 0
     }
 
+    /// The trace id as 32 lowercase hex digits (as log fields carry it).
+    pub fn trace_id_hex(&self) -> String {
+        let mut s = String::with_capacity(32);
+        push_hex(&mut s, &self.trace_id);
+        s
+    }
+
+    /// The span id as 16 lowercase hex digits.
+    pub fn span_id_hex(&self) -> String {
+        let mut s = String::with_capacity(16);
+        push_hex(&mut s, &self.span_id);
+        s
+    }
+
     /// The header value, always version `00` (the version this relay speaks).
     pub fn format(&self) -> String {
         let mut s = String::with_capacity(55);
@@ -172,6 +186,8 @@ mod tests {
         assert_eq!(tp.span_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
         assert!(tp.sampled());
         assert_eq!(tp.format(), TP);
+        assert_eq!(tp.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(tp.span_id_hex(), "00f067aa0ba902b7");
         let unsampled =
             TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
         assert!(!unsampled.sampled());
