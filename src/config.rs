@@ -116,6 +116,13 @@ impl TelemetryConfig {
                 "the relay exports OTLP over HTTP (protobuf), e.g. \"http://127.0.0.1:4318/v1/traces\"; gRPC is not offered",
             ));
         }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad_key(
+                "telemetry.endpoint",
+                "has credentials in the url, which the relay does not send",
+                "put them in telemetry.headers, e.g. \"authorization=Basic …\" (a secret, never printed)",
+            ));
+        }
         if url.path() == "/" || url.path().is_empty() {
             url.set_path("/v1/traces");
         }
@@ -1218,6 +1225,11 @@ listen = "127.0.0.1:9187"
             "telemetry.endpoint",
         );
         check(&|t| t.endpoint = "not a url".into(), "telemetry.endpoint");
+        let err = check(
+            &|t| t.endpoint = "http://user:s3cret@collector:4318".into(),
+            "telemetry.endpoint",
+        );
+        assert!(!err.to_string().contains("s3cret"), "{err}");
         check(&|t| t.sampling_ratio = 1.5, "telemetry.sampling_ratio");
         check(&|t| t.sampling_ratio = -0.1, "telemetry.sampling_ratio");
         check(&|t| t.sampling_ratio = f64::NAN, "telemetry.sampling_ratio");

@@ -92,11 +92,13 @@ impl Client {
         })
     }
 
-    /// The endpoint without user info (which could hold a password).
+    /// The endpoint for logs: without its query, which could hold a key (credentials
+    /// in the user part are refused by validation).
     pub fn redacted_url(&self) -> String {
         let mut u = self.url.clone();
-        let _ = u.set_username("");
-        let _ = u.set_password(None);
+        if u.query().is_some() {
+            u.set_query(Some("***"));
+        }
         u.to_string()
     }
 
@@ -239,5 +241,46 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(endpoint: &str, headers: &str) -> Client {
+        let cfg = TelemetryConfig {
+            endpoint: endpoint.into(),
+            headers: crate::config::Secret::new(headers),
+            ..TelemetryConfig::default()
+        };
+        Client::new(&cfg).unwrap()
+    }
+
+    #[test]
+    fn request_target_host_and_headers() {
+        let c = client("http://collector:4318", "authorization=Bearer s3cret");
+        assert_eq!((c.host.as_str(), c.port), ("collector", 4318));
+        assert_eq!(c.authority, "collector:4318");
+        assert_eq!(c.path, "/v1/traces");
+        assert!(c.tls.is_none());
+        let req = c.request(vec![1, 2]).unwrap();
+        assert_eq!(req.method(), http::Method::POST);
+        assert_eq!(req.uri(), "/v1/traces");
+        assert_eq!(req.headers()["host"], "collector:4318");
+        assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+        assert_eq!(req.headers()["authorization"], "Bearer s3cret");
+        assert!(req.headers()["authorization"].is_sensitive());
+        let c = client("https://otel.example.com/api/traces?key=s3cret", "");
+        assert_eq!((c.host.as_str(), c.port), ("otel.example.com", 443));
+        assert_eq!(c.authority, "otel.example.com");
+        assert_eq!(c.path, "/api/traces?key=s3cret");
+        assert!(c.tls.is_some());
+        assert!(!c.redacted_url().contains("s3cret"), "{}", c.redacted_url());
+        let c = client("http://[::1]:4318/v1/traces", "");
+        assert_eq!(
+            (c.host.as_str(), c.authority.as_str()),
+            ("::1", "[::1]:4318")
+        );
     }
 }
