@@ -118,6 +118,13 @@ async fn producer_spans_are_children_of_the_row_traceparent_and_parents_of_the_m
     ));
     let out = env.cli(&["check"]);
     assert!(out.status.success(), "{}", out.text());
+    assert!(
+        out.text().contains(&format!(
+            "telemetry: producer spans are exported to http://127.0.0.1:{port}/v1/traces"
+        )),
+        "{}",
+        out.text()
+    );
     // JSON logs: the per-event line (the dead letter) carries the trace context.
     let mut relay = env.spawn_relay_env(&[("OUTBOX_RELAY_LOG_FORMAT", "json")]);
     let c = env.sql().await;
@@ -395,6 +402,19 @@ async fn a_hanging_or_absent_collector_never_holds_delivery_back() {
     // 2. Nothing listening at all (connection refused), switched by the environment.
     let closed = free_port();
     let endpoint = format!("http://127.0.0.1:{closed}/v1/traces");
+    // `check` says so, as a note: it is not a problem for delivery.
+    let out = env.cli_env(
+        &["check"],
+        &[("OUTBOX_RELAY_TELEMETRY_ENDPOINT", &endpoint)],
+    );
+    assert!(out.status.success(), "{}", out.text());
+    assert!(
+        out.text().contains(&format!(
+            "telemetry.endpoint {endpoint}: connect: connection refused"
+        )),
+        "{}",
+        out.text()
+    );
     let mut relay = env.spawn_relay_env(&[("OUTBOX_RELAY_TELEMETRY_ENDPOINT", &endpoint)]);
     insert_traced(&c, N, "closed").await;
     assert_exactly_once(&env, 3 * N as usize).await;

@@ -102,11 +102,16 @@ impl Client {
         u.to_string()
     }
 
+    /// A TCP connection to the endpoint.
+    pub async fn connect_tcp(&self) -> std::result::Result<TcpStream, String> {
+        TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("connect: {}", e.to_string().to_lowercase()))
+    }
+
     /// POST one request body; `Err` says why it was not accepted.
     async fn post(&self, body: Vec<u8>) -> std::result::Result<(), String> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let tcp = self.connect_tcp().await?;
         let _ = tcp.set_nodelay(true);
         let req = self.request(body)?;
         match &self.tls {

@@ -124,6 +124,30 @@ impl Exporter {
     }
 }
 
+/// `check`'s line on telemetry (`None` when it is off): where spans go, or that the
+/// endpoint does not accept a connection (spans would be dropped and counted).
+pub async fn check_note(cfg: &TelemetryConfig) -> Option<String> {
+    if !cfg.enabled() {
+        return None;
+    }
+    let client = export::Client::new(cfg).ok()?;
+    let url = client.redacted_url();
+    let wait = cfg.export_timeout.min(std::time::Duration::from_secs(5));
+    Some(
+        match tokio::time::timeout(wait, client.connect_tcp()).await {
+            Ok(Ok(_)) => format!("telemetry: producer spans are exported to {url} (otlp/http)"),
+            Ok(Err(e)) => format!(
+                "telemetry.endpoint {url}: {e}: delivery is not affected, but spans will be dropped \
+             and counted (outbox_relay_telemetry_spans_*) until a collector listens there"
+            ),
+            Err(_) => format!(
+                "telemetry.endpoint {url}: no connection within {wait:?}: delivery is not affected, \
+             but spans will be dropped and counted until a collector answers there"
+            ),
+        },
+    )
+}
+
 /// A span started at publish, waiting for its PubAck. Boxed in flight, so a message
 /// without a span costs the in-flight record one null pointer.
 #[derive(Debug)]
