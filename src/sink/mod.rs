@@ -269,9 +269,11 @@ impl Sink {
             ),
         };
         if let Some(reason) = env.dead_letter.clone() {
-            let subject = env.subject.clone();
+            let traced = span.map(|s| (s, env.subject.clone()));
             self.dead_letter(env, &reason, None).await?;
-            self.end_span(span, &subject, dead_lettered(&reason));
+            if let Some((span, subject)) = traced {
+                self.end_span(Some(span), &subject, dead_lettered(&reason));
+            }
             return Ok(Some(ticket));
         }
         let mut headers = std::mem::take(&mut env.headers);
@@ -420,13 +422,15 @@ impl Sink {
         reason: &str,
         error_code: Option<u64>,
     ) -> Result<()> {
-        let span = sent.span.take();
-        let subject = sent.subject.clone();
+        let traced = sent.span.take().map(|s| (s, sent.subject.clone()));
         self.dead_letter_rebuilt(sent, reason, error_code).await?;
-        self.end_span(span, &subject, dead_lettered(reason));
+        if let Some((span, subject)) = traced {
+            self.end_span(Some(span), &subject, dead_lettered(reason));
+        }
         Ok(())
     }
 
+    /// [`Sink::dead_letter_sent`] without the span.
     async fn dead_letter_rebuilt(
         &mut self,
         sent: Sent,
