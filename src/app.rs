@@ -48,6 +48,24 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     opts: RunOptions,
 ) -> Result<()> {
+    let exporter = crate::telemetry::Exporter::spawn(&cfg.telemetry, &health)?;
+    let telemetry = exporter.as_ref().and_then(|e| e.handle());
+    let result = supervise(cfg, health, shutdown, opts, telemetry).await;
+    // The sessions' handles are gone: the exporter sends what is queued, bounded.
+    if let Some(e) = exporter {
+        e.shutdown().await;
+    }
+    result
+}
+
+/// The supervisor loop: sessions, and the backoff between them.
+async fn supervise(
+    cfg: Config,
+    health: Arc<Health>,
+    shutdown: watch::Receiver<bool>,
+    opts: RunOptions,
+    telemetry: Option<crate::telemetry::Telemetry>,
+) -> Result<()> {
     let router = router(&cfg)?;
     let mut confirmed: u64 = 0;
     let mut backoff = new_backoff();
@@ -72,6 +90,7 @@ pub async fn run(
             health: health.clone(),
             shutdown: shutdown.clone(),
             confirmed: &mut confirmed,
+            telemetry: telemetry.clone(),
         };
         let result = session.run().await;
         started_once |= session.notes_logged;
@@ -170,6 +189,8 @@ struct Session<'a> {
     shutdown: watch::Receiver<bool>,
     /// Survives sessions: where the next one resumes.
     confirmed: &'a mut u64,
+    /// `[telemetry]` on: the exporter's queue.
+    telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// Per-session pipeline state.
@@ -365,7 +386,8 @@ impl Session<'_> {
         let reconciler = Reconciler::load(&js, readback, &origin, start, &floors).await?;
         let sink = Sink::new(js.clone(), cfg, self.health.clone(), &origin)
             .await?
-            .with_denials(denials);
+            .with_denials(denials)
+            .with_telemetry(self.telemetry.clone());
         let stream = Stream::open(cfg, start).await?;
         drop(sql);
         self.health.set_connected(true, true);

@@ -81,6 +81,8 @@ pub async fn check(cfg: &Config) -> (Vec<admin::Problem>, Vec<String>) {
         }
         Err(e) => problems.push(problem(&e.message, e.hint.as_deref())),
     }
+    // A note, not a problem: an unreachable collector loses spans, never events.
+    notes.extend(crate::telemetry::check_note(&cfg.telemetry).await);
     (problems, notes)
 }
 

@@ -44,7 +44,173 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub monitor: MonitorConfig,
     pub retention: RetentionConfig,
+    pub telemetry: TelemetryConfig,
     pub streams: Vec<StreamConfig>,
+}
+
+/// Upper bound of `telemetry.queue_size`.
+pub const MAX_TELEMETRY_QUEUE: usize = 1 << 20;
+/// Upper bound of `telemetry.export_timeout`.
+pub const MAX_EXPORT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// OpenTelemetry: a PRODUCER span per published event that carries a `traceparent`,
+/// exported over OTLP/HTTP (protobuf). Off while `endpoint` is empty (the default).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP traces URL, e.g. `http://127.0.0.1:4318/v1/traces` (a URL without a
+    /// path gets `/v1/traces`). `http://` or `https://`. Empty: telemetry is off.
+    pub endpoint: String,
+    /// Share of sampled traces whose spans are recorded, 0.0 to 1.0, decided on the
+    /// trace id; a carried `traceparent` that is not sampled is never recorded.
+    pub sampling_ratio: f64,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Finished spans waiting for export; when full, new spans are dropped (counted),
+    /// never waited for.
+    pub queue_size: usize,
+    /// Longest one export request may take (connect, send, answer) before its spans
+    /// count as failed.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+    /// Extra HTTP headers of every export request, `name=value` pairs separated by
+    /// commas (as `OTEL_EXPORTER_OTLP_HEADERS`), e.g. `authorization=Bearer …`. A
+    /// secret: never printed.
+    pub headers: Secret,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            sampling_ratio: 1.0,
+            service_name: "outbox-relay".into(),
+            queue_size: 4096,
+            export_timeout: Duration::from_secs(10),
+            headers: Secret::default(),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn enabled(&self) -> bool {
+        !self.endpoint.is_empty()
+    }
+
+    /// The export URL: `endpoint`, with `/v1/traces` when it has no path.
+    pub fn traces_url(&self) -> Result<url::Url> {
+        let mut url = url::Url::parse(&self.endpoint).map_err(|e| {
+            bad_key(
+                "telemetry.endpoint",
+                format!("not a url ({e})"),
+                "e.g. \"http://127.0.0.1:4318/v1/traces\", or \"\" for no telemetry",
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(bad_key(
+                "telemetry.endpoint",
+                format!(
+                    "scheme must be http:// or https:// with a host (got {}://)",
+                    url.scheme()
+                ),
+                "the relay exports OTLP over HTTP (protobuf), e.g. \"http://127.0.0.1:4318/v1/traces\"; gRPC is not offered",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad_key(
+                "telemetry.endpoint",
+                "has credentials in the url, which the relay does not send",
+                "put them in telemetry.headers, e.g. \"authorization=Basic …\" (a secret, never printed)",
+            ));
+        }
+        if url.path() == "/" || url.path().is_empty() {
+            url.set_path("/v1/traces");
+        }
+        Ok(url)
+    }
+
+    /// `headers` as (name, value) pairs; errors never quote a value.
+    pub fn header_pairs(&self) -> Result<Vec<(String, String)>> {
+        let Some(text) = self.headers.expose() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (i, pair) in text.split(',').enumerate() {
+            if pair.trim().is_empty() {
+                continue;
+            }
+            let Some((name, value)) = pair.split_once('=') else {
+                return Err(bad_key(
+                    "telemetry.headers",
+                    format!("entry {} has no '='", i + 1),
+                    "name=value pairs separated by commas, e.g. \"authorization=Bearer TOKEN\"",
+                ));
+            };
+            let name = name.trim();
+            let value = value.trim();
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !name_ok {
+                return Err(bad_key(
+                    "telemetry.headers",
+                    format!("entry {} has an invalid header name", i + 1),
+                    "header names are letters, digits and -",
+                ));
+            }
+            if value.bytes().any(|b| b.is_ascii_control()) {
+                return Err(bad_key(
+                    "telemetry.headers",
+                    format!(
+                        "entry {} ({name}) has a control character in its value",
+                        i + 1
+                    ),
+                    "header values are printable text",
+                ));
+            }
+            out.push((name.to_string(), value.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Check every key (whether or not `endpoint` switches telemetry on, so a
+    /// mistake shows before it is switched on).
+    pub fn validate(&self) -> Result<()> {
+        if self.enabled() {
+            self.traces_url()?;
+        }
+        if !self.sampling_ratio.is_finite() || !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(bad_key(
+                "telemetry.sampling_ratio",
+                format!("must be between 0.0 and 1.0 (got {})", self.sampling_ratio),
+                "1.0 records every sampled trace, 0.1 one in ten",
+            ));
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(bad_key(
+                "telemetry.service_name",
+                "is empty",
+                "e.g. \"outbox-relay\"",
+            ));
+        }
+        if self.queue_size == 0 || self.queue_size > MAX_TELEMETRY_QUEUE {
+            return Err(bad_key(
+                "telemetry.queue_size",
+                format!("must be 1..={MAX_TELEMETRY_QUEUE}"),
+                "the default is 4096 spans",
+            ));
+        }
+        if self.export_timeout.is_zero() || self.export_timeout > MAX_EXPORT_TIMEOUT {
+            return Err(bad_key(
+                "telemetry.export_timeout",
+                "must be > 0 and at most 5m",
+                "e.g. \"10s\"",
+            ));
+        }
+        self.header_pairs()?;
+        Ok(())
+    }
 }
 
 /// The SQL-side watch: slot lag, lag guard, heartbeat.
@@ -628,6 +794,7 @@ impl Config {
                 )
             })?;
         }
+        self.telemetry.validate()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(bad_key(
                 "log.format",
@@ -752,7 +919,7 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<()> {
                 .map(|k| (path, k.to_string()))
         }) else {
             return Err(Error::fatal(format!("environment variable {name}: no such config section"))
-                .hint("variables are OUTBOX_RELAY_<SECTION>_<KEY>, e.g. OUTBOX_RELAY_POSTGRES_URL; sections: postgres, outbox, nats, routing, http, log, checkpoint, monitor, retention"));
+                .hint("variables are OUTBOX_RELAY_<SECTION>_<KEY>, e.g. OUTBOX_RELAY_POSTGRES_URL; sections: postgres, outbox, nats, routing, http, log, checkpoint, monitor, retention, telemetry"));
         };
         let mut default_section = &defaults;
         for p in path {
@@ -989,5 +1156,127 @@ listen = "127.0.0.1:9187"
         cfg.http.listen = "nowhere".into();
         assert!(cfg.validate().unwrap_err().message.contains("http.listen"));
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn telemetry_is_off_by_default_and_on_with_an_endpoint() {
+        let cfg = Config::from_sources("", &[]).unwrap();
+        assert!(!cfg.telemetry.enabled());
+        let cfg = Config::from_sources(
+            "[telemetry]\nendpoint = \"http://127.0.0.1:4318\"\nsampling_ratio = 0.25\n",
+            &env(&[
+                ("OUTBOX_RELAY_TELEMETRY_SERVICE_NAME", "relay-eu"),
+                ("OUTBOX_RELAY_TELEMETRY_QUEUE_SIZE", "16"),
+                ("OUTBOX_RELAY_TELEMETRY_EXPORT_TIMEOUT", "2s"),
+                (
+                    "OUTBOX_RELAY_TELEMETRY_HEADERS",
+                    "authorization=Bearer s3cret, x-team = a",
+                ),
+            ]),
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let t = &cfg.telemetry;
+        assert!(t.enabled());
+        assert_eq!(
+            t.traces_url().unwrap().as_str(),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(t.sampling_ratio, 0.25);
+        assert_eq!(t.service_name, "relay-eu");
+        assert_eq!(t.queue_size, 16);
+        assert_eq!(t.export_timeout, Duration::from_secs(2));
+        assert_eq!(
+            t.header_pairs().unwrap(),
+            vec![
+                ("authorization".to_string(), "Bearer s3cret".to_string()),
+                ("x-team".to_string(), "a".to_string())
+            ]
+        );
+        // The token never prints.
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+        assert!(!toml::to_string(&cfg).unwrap().contains("s3cret"));
+        let cfg = Config::from_sources(
+            "",
+            &env(&[
+                (
+                    "OUTBOX_RELAY_TELEMETRY_ENDPOINT",
+                    "https://otel.example.com/custom/path",
+                ),
+                ("OUTBOX_RELAY_TELEMETRY_SAMPLING_RATIO", "0.5"),
+            ]),
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.telemetry.traces_url().unwrap().as_str(),
+            "https://otel.example.com/custom/path"
+        );
+        assert_eq!(cfg.telemetry.sampling_ratio, 0.5);
+    }
+
+    #[test]
+    fn telemetry_keys_are_validated_by_name() {
+        let check = |edit: &dyn Fn(&mut TelemetryConfig), key: &str| {
+            let mut cfg = Config::default();
+            cfg.telemetry.endpoint = "http://127.0.0.1:4318".into();
+            edit(&mut cfg.telemetry);
+            let err = cfg.validate().unwrap_err();
+            assert!(
+                err.message.contains(&format!("config key {key}:")),
+                "{key}: {err}"
+            );
+            assert!(err.hint.is_some(), "{key}");
+            err
+        };
+        check(
+            &|t| t.endpoint = "127.0.0.1:4318".into(),
+            "telemetry.endpoint",
+        );
+        check(
+            &|t| t.endpoint = "grpc://collector:4317".into(),
+            "telemetry.endpoint",
+        );
+        check(&|t| t.endpoint = "not a url".into(), "telemetry.endpoint");
+        let err = check(
+            &|t| t.endpoint = "http://user:s3cret@collector:4318".into(),
+            "telemetry.endpoint",
+        );
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        check(&|t| t.sampling_ratio = 1.5, "telemetry.sampling_ratio");
+        check(&|t| t.sampling_ratio = -0.1, "telemetry.sampling_ratio");
+        check(&|t| t.sampling_ratio = f64::NAN, "telemetry.sampling_ratio");
+        check(&|t| t.service_name = " ".into(), "telemetry.service_name");
+        check(&|t| t.queue_size = 0, "telemetry.queue_size");
+        check(
+            &|t| t.queue_size = MAX_TELEMETRY_QUEUE + 1,
+            "telemetry.queue_size",
+        );
+        check(
+            &|t| t.export_timeout = Duration::ZERO,
+            "telemetry.export_timeout",
+        );
+        check(
+            &|t| t.export_timeout = Duration::from_secs(3600),
+            "telemetry.export_timeout",
+        );
+        let err = check(
+            &|t| t.headers = Secret::new("authorization: Bearer s3cret"),
+            "telemetry.headers",
+        );
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = check(
+            &|t| t.headers = Secret::new("bad name=s3cret"),
+            "telemetry.headers",
+        );
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = Config::from_sources("[telemetry]\nendpiont = \"x\"\n", &[]).unwrap_err();
+        assert!(err.message.contains("endpiont"), "{err}");
+        let err = Config::from_sources(
+            "",
+            &env(&[("OUTBOX_RELAY_TELEMETRY_SAMPLING_RATIO", "half")]),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("telemetry.sampling_ratio"), "{err}");
     }
 }

@@ -13,6 +13,8 @@
 //! - [`placement`]: per-event decisions: each copy's stream, or why it is dead-lettered
 //!   (size, no stream, schedules, fallbacks, `all_or_nothing`), before publishing.
 //! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.
+//! - [`telemetry`]: OpenTelemetry: a PRODUCER span per message carrying a `traceparent`,
+//!   the relay's span written back into that header, OTLP/HTTP export off the hot path.
 //! - [`progress`]: in-order ack tracker → the position safe to confirm.
 //! - [`checkpoint`]: persisted position (NATS KV), bound to the server, and the
 //!   read-back of the streams that proves which replays are already stored;
@@ -49,6 +51,7 @@ pub mod route;
 pub mod secret;
 pub mod sink;
 pub mod source;
+pub mod telemetry;
 
 /// Make `ring` the process's TLS crypto provider. rustls is built with two providers
 /// here (a dependency enables `aws-lc-rs` by default), and then refuses to guess:

@@ -54,6 +54,12 @@ pub struct Health {
     pub checkpoint_lsn: Gauge,
     /// Times this process started streaming after waiting as a standby.
     pub takeovers: Counter,
+    /// Telemetry spans dropped at the session because the export queue was full.
+    pub telemetry_spans_dropped: Counter,
+    /// Telemetry spans the OTLP endpoint accepted.
+    pub telemetry_spans_exported: Counter,
+    /// Telemetry spans in export requests that failed or timed out (not retried).
+    pub telemetry_spans_failed: Counter,
     /// 1 while this process streams from the slot (the active relay).
     active: Gauge,
     /// Waiting for a slot another process holds.
@@ -118,6 +124,24 @@ impl Health {
         let active = Gauge::default();
         let since_last_event = Gauge::default();
         let since_last_confirm = Gauge::default();
+        let telemetry_spans_dropped = Counter::default();
+        let telemetry_spans_exported = Counter::default();
+        let telemetry_spans_failed = Counter::default();
+        registry.register(
+            "telemetry_spans_dropped",
+            "Producer spans dropped because the telemetry export queue was full (delivery is not affected)",
+            telemetry_spans_dropped.clone(),
+        );
+        registry.register(
+            "telemetry_spans_exported",
+            "Producer spans accepted by the OTLP endpoint",
+            telemetry_spans_exported.clone(),
+        );
+        registry.register(
+            "telemetry_spans_failed",
+            "Producer spans in OTLP export requests that failed or timed out (not retried)",
+            telemetry_spans_failed.clone(),
+        );
         registry.register(
             "events_published",
             "Messages acknowledged by JetStream (PubAck)",
@@ -230,6 +254,9 @@ impl Health {
             confirmed_lsn,
             checkpoint_lsn,
             takeovers,
+            telemetry_spans_dropped,
+            telemetry_spans_exported,
+            telemetry_spans_failed,
             active,
             standby: AtomicBool::new(false),
             connected,

@@ -176,6 +176,14 @@ pub async fn run(
     let mut pending: Pending = FuturesOrdered::new();
     let mut rechecks: Rechecks = FuturesUnordered::new();
     let dlq = &cfg.routing.dead_letter_prefix;
+    // With `[telemetry]` on, the session wrote the relay's span into `traceparent`:
+    // a replayed message carries the same value (the span id is a function of the
+    // message, `telemetry::context::span_id`); no span is exported for it.
+    let traceparent = async_nats::HeaderName::from_static(crate::telemetry::TRACEPARENT);
+    let trace_ratio = cfg
+        .telemetry
+        .enabled()
+        .then_some(cfg.telemetry.sampling_ratio);
     let began = tokio::time::Instant::now();
     for chunk in rows.chunks(ID_CHUNK) {
         let window = Window {
@@ -184,7 +192,7 @@ pub async fn run(
         };
         let events = a.rows(&window).await?;
         for event in events {
-            for env in audit::copies(&a.router, &event) {
+            for mut env in audit::copies(&a.router, &event) {
                 let id = audit::msg_id(&env).to_string();
                 if !wanted.contains(&id) {
                     continue;
@@ -209,6 +217,14 @@ pub async fn run(
                         began + Duration::from_secs_f64(outcome.sent as f64 / opts.rate as f64),
                     )
                     .await;
+                }
+                if let Some(ratio) = trace_ratio {
+                    crate::telemetry::propagate(
+                        &mut env.headers,
+                        &traceparent,
+                        &env.subject,
+                        ratio,
+                    );
                 }
                 let msg = Outgoing {
                     subject: env.subject.clone(),

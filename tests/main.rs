@@ -21,6 +21,7 @@ mod scaling;
 mod security;
 mod standby;
 mod support;
+mod telemetry;
 
 /// Self-tests of the test support code: `cargo test --test main selftest`.
 mod selftest {

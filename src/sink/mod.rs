@@ -37,6 +37,8 @@ struct Sent {
     msg_id: Option<HeaderValue>,
     committed_at_us: i64,
     counter: Counter,
+    /// The producer span, when telemetry records one for this message.
+    span: Option<Box<crate::telemetry::Started>>,
 }
 
 pub struct Sink {
@@ -55,6 +57,8 @@ pub struct Sink {
     denials: Arc<Denials>,
     /// Messages the server refused, waiting for their dead letter (reason, err_code).
     refused: std::collections::VecDeque<(Sent, String, u64)>,
+    /// `[telemetry]`: `None` when off (one branch per message).
+    telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 /// Permission errors the server reported on this connection (`-ERR 'Permissions
@@ -197,7 +201,26 @@ impl Sink {
             in_flight_bytes: 0,
             denials: Arc::default(),
             refused: Default::default(),
+            telemetry: None,
         })
+    }
+
+    /// Producer spans for messages that carry a `traceparent` ([`crate::telemetry`]).
+    pub fn with_telemetry(mut self, telemetry: Option<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
+
+    /// End a message's span, if it has one.
+    fn end_span(
+        &self,
+        span: Option<Box<crate::telemetry::Started>>,
+        subject: &str,
+        outcome: crate::telemetry::Outcome<'_>,
+    ) {
+        if let (Some(t), Some(s)) = (&self.telemetry, span) {
+            t.end(s, subject, outcome);
+        }
     }
 
     /// Explain failed publishes with the permission errors of the connection
@@ -234,11 +257,24 @@ impl Sink {
     /// is sent straight to the dead-letter subject and awaited: then the ticket is
     /// returned, already delivered.
     pub async fn publish(&mut self, ticket: Ticket, mut env: Envelope) -> Result<Option<Ticket>> {
+        // Telemetry off: one branch. On: the carried `traceparent` becomes the relay's
+        // span (written into the headers, so a dead letter carries it too).
+        let span = match &self.telemetry {
+            None => None,
+            Some(t) => t.start(
+                &mut env.headers,
+                &env.subject,
+                env.pos.commit_lsn,
+                env.payload.len(),
+            ),
+        };
         if let Some(reason) = env.dead_letter.clone() {
-            return self
-                .dead_letter(env, &reason, None)
-                .await
-                .map(|()| Some(ticket));
+            let traced = span.map(|s| (s, env.subject.clone()));
+            self.dead_letter(env, &reason, None).await?;
+            if let Some((span, subject)) = traced {
+                self.end_span(Some(span), &subject, dead_lettered(&reason));
+            }
+            return Ok(Some(ticket));
         }
         let mut headers = std::mem::take(&mut env.headers);
         let msg_id = headers.get(headers::MSG_ID).cloned();
@@ -265,6 +301,7 @@ impl Sink {
             msg_id,
             committed_at_us: env.committed_at_us,
             counter,
+            span,
         };
         let size = env.payload.len();
         match self
@@ -328,6 +365,7 @@ impl Sink {
             match res {
                 Ok(()) => {
                     sent.counter.inc();
+                    self.end_span(sent.span, &sent.subject, crate::telemetry::Outcome::Acked);
                     let now_ms = crate::metrics::now_ms();
                     self.health.acked(now_ms);
                     if sent.committed_at_us > 0 {
@@ -379,6 +417,21 @@ impl Sink {
     /// publish: it keeps its `Nats-Msg-Id` (a replayed dead letter is deduplicated) and
     /// its position headers (reconciliation finds it in the dead-letter stream).
     async fn dead_letter_sent(
+        &mut self,
+        mut sent: Sent,
+        reason: &str,
+        error_code: Option<u64>,
+    ) -> Result<()> {
+        let traced = sent.span.take().map(|s| (s, sent.subject.clone()));
+        self.dead_letter_rebuilt(sent, reason, error_code).await?;
+        if let Some((span, subject)) = traced {
+            self.end_span(Some(span), &subject, dead_lettered(reason));
+        }
+        Ok(())
+    }
+
+    /// [`Sink::dead_letter_sent`] without the span.
+    async fn dead_letter_rebuilt(
         &mut self,
         sent: Sent,
         reason: &str,
@@ -437,7 +490,19 @@ impl Sink {
             &env.subject,
             error_code,
         );
-        tracing::warn!(subject = %env.subject, dead_letter = %subject, reason, "event dead-lettered");
+        // The message's trace context (the relay's span when telemetry is on), so a
+        // JSON log line joins the trace in a log store.
+        let trace = headers
+            .get(crate::telemetry::TRACEPARENT)
+            .and_then(|v| crate::telemetry::context::TraceParent::parse(v.as_str()));
+        tracing::warn!(
+            subject = %env.subject,
+            dead_letter = %subject,
+            reason,
+            trace_id = trace.map(|t| t.trace_id_hex()).as_deref(),
+            span_id = trace.map(|t| t.span_id_hex()).as_deref(),
+            "event dead-lettered"
+        );
         let mut payload = env.payload;
         // Too large or refused even as a dead letter (the dead-letter stream has limits
         // too). The row is still in the table; the dead letter says where to find it:
@@ -494,6 +559,14 @@ impl Sink {
                 Err(e) => return Err(publish_error(&self.health, &self.denials, &e)),
             }
         }
+    }
+}
+
+/// How a dead-lettered message's span ends: error status, the reason, its kind.
+fn dead_lettered(reason: &str) -> crate::telemetry::Outcome<'_> {
+    crate::telemetry::Outcome::DeadLettered {
+        reason,
+        kind: dead_letter_kind(reason),
     }
 }
 
