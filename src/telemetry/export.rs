@@ -20,8 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use super::Ended;
 use super::MAX_BATCH;
-use super::otlp::{self, SpanData, Value};
+use super::otlp::{self, Value};
 use crate::config::TelemetryConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Health;
@@ -200,7 +201,7 @@ fn tls_connector() -> Result<tokio_rustls::TlsConnector> {
 /// The task: until the queue closes, take a batch, export it within the timeout,
 /// count the outcome. Failures are logged once per change of state, not per batch.
 pub async fn run(
-    mut rx: mpsc::Receiver<SpanData>,
+    mut rx: mpsc::Receiver<Ended>,
     client: Client,
     resource: Vec<(&'static str, Value)>,
     health: Arc<Health>,
@@ -220,8 +221,9 @@ pub async fn run(
                 _ => break,
             }
         }
-        let body = otlp::export_request(&resource, &batch);
-        let n = batch.len() as u64;
+        let spans: Vec<_> = batch.drain(..).map(Ended::into_span).collect();
+        let body = otlp::export_request(&resource, &spans);
+        let n = spans.len() as u64;
         let outcome = match tokio::time::timeout(client.timeout, client.post(body)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {:?}", client.timeout)),
