@@ -318,3 +318,58 @@ cloudevents_source = "/shop/{source_bc}"
         Some("application/cloudevents+json")
     );
 }
+
+/// A `bytea` payload in structured mode: `data_base64` of the raw bytes, with the row's
+/// content type; the SDK reads it back as binary data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_mode_bytea_payload_is_data_base64() {
+    let env = Env::start().await;
+    let c = env.sql().await;
+    c.batch_execute(
+        "CREATE TABLE blobs (id uuid primary key default gen_random_uuid(),
+                             event_topic text not null, aggregate_type text, source_bc text,
+                             payload bytea not null, content_type text,
+                             created_at timestamptz not null default now())",
+    )
+    .await
+    .unwrap();
+    env.write_config(
+        r#"
+[outbox]
+table = "public.blobs"
+[routing]
+cloudevents = "structured"
+"#,
+    );
+    let out = env.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", out.text());
+    let js = env.js().await;
+    let _relay = env.spawn_relay();
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let id: String = c
+        .query_one(
+            "INSERT INTO blobs (event_topic, aggregate_type, source_bc, payload, content_type)
+             VALUES ('uploaded', 'file', 'media', $1, 'application/x-protobuf')
+             RETURNING id::text",
+            &[&bytes],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let msgs = wait_read(&js, STREAM, 1).await;
+    let m = &msgs[0];
+    assert_eq!(m.subject, "outbox.file.uploaded");
+    assert_relay_headers(m, &id);
+    let ev: Event = serde_json::from_slice(&m.payload).expect("a structured CloudEvent");
+    assert_eq!(ev.id(), id);
+    assert_eq!(ev.ty(), "file.uploaded");
+    assert_eq!(ev.source(), "media");
+    assert_eq!(ev.datacontenttype(), Some("application/x-protobuf"));
+    assert_eq!(ev.time(), None, "the table has no occurred_at");
+    let Some(Data::Binary(data)) = ev.data() else {
+        panic!("binary data: {:?}", ev.data())
+    };
+    assert_eq!(data, &bytes, "the raw bytes");
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert!(v.get("data_base64").is_some() && v.get("data").is_none());
+}
