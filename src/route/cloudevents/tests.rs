@@ -442,6 +442,39 @@ subject = "outbox.full"
     }
 }
 
+/// A rules fallback copy (made by the pipeline after routing) is a CloudEvent too.
+#[test]
+fn fallback_copies_are_cloudevents() {
+    let rules = rules::Rules::from_toml(
+        r#"
+[[route]]
+name = "r"
+strategy = "best_effort"
+fallback = { subject = "outbox.fallback" }
+[[route.targets]]
+subject = "outbox.a"
+"#,
+    )
+    .unwrap();
+    let pos = crate::route::Position {
+        commit_lsn: 0x1_0000_00A0,
+        index: 0,
+    };
+    let r = router(Mode::Structured).with_rules(Some(rules.clone()));
+    let fb = r.fallback_for(&event(), 0, pos, false).expect("a fallback");
+    let v: serde_json::Value = serde_json::from_slice(&fb.payload).unwrap();
+    assert_eq!(v["id"], ID);
+    assert_eq!(get(&fb, CONTENT_TYPE), Some(STRUCTURED_CONTENT_TYPE));
+    // A fallback that cannot be a CloudEvent is no fallback.
+    let mut ev = event();
+    ev.source_bc = None;
+    assert!(r.fallback_for(&ev, 0, pos, false).is_none());
+    let r = router(Mode::Binary).with_rules(Some(rules));
+    let fb = r.fallback_for(&event(), 0, pos, false).expect("a fallback");
+    assert_eq!(get(&fb, CE_ID), Some(ID));
+    assert_eq!(fb.payload, event().payload);
+}
+
 /// `routing.headers = "compact"` + binary: the relay's proof headers and the `ce-*`
 /// headers, no `Outbox-*` column headers.
 #[test]
