@@ -227,7 +227,8 @@ pub fn router(cfg: &Config) -> Result<Router> {
         .with_rules(cfg.routing.load_rules()?)
         .with_prefix(prefix)
         .with_compact_headers(cfg.routing.compact_headers())
-        .with_content_type(Some(&cfg.outbox.content_type)))
+        .with_content_type(Some(&cfg.outbox.content_type))
+        .with_cloudevents(cfg.routing.cloudevents(&cfg.outbox.content_type)?))
 }
 
 /// `<database>/<slot>`: names this source in every message (`Outbox-Origin`) and the

@@ -454,6 +454,16 @@ pub struct RoutingConfig {
     /// plus metadata and rule headers): what nats-server pays per message falls with
     /// the header bytes (docs/benchmarks.md, workload H); the rest is in the payload.
     pub headers: String,
+    /// CloudEvents: `"off"`, `"binary"` (`ce-*` headers, payload untouched) or
+    /// `"structured"` (the payload becomes the JSON event format).
+    pub cloudevents: String,
+    /// The `type` attribute: a template over the event's fields.
+    pub cloudevents_type: String,
+    /// The `source` attribute: a template over the event's fields.
+    pub cloudevents_source: String,
+    /// The `dataschema` attribute: a template; sent only when it renders an absolute
+    /// URI. Empty: never sent.
+    pub cloudevents_dataschema: String,
 }
 
 impl Default for RoutingConfig {
@@ -465,6 +475,10 @@ impl Default for RoutingConfig {
             subject_prefix: String::new(),
             schedule_prefix: "outbox-relay.schedule".into(),
             headers: "full".into(),
+            cloudevents: "off".into(),
+            cloudevents_type: "{aggregate_type}.{event_topic}".into(),
+            cloudevents_source: "{source_bc}".into(),
+            cloudevents_dataschema: "{schema_id}".into(),
         }
     }
 }
@@ -473,6 +487,38 @@ impl RoutingConfig {
     /// `routing.headers` is `"compact"` (validated: `"full"` or `"compact"`).
     pub fn compact_headers(&self) -> bool {
         self.headers == "compact"
+    }
+
+    /// `routing.cloudevents` and its templates, compiled (`None`: `"off"`);
+    /// `content_type` is `outbox.content_type`. Errors name the key.
+    pub fn cloudevents(
+        &self,
+        content_type: &str,
+    ) -> Result<Option<crate::route::cloudevents::CloudEvents>> {
+        use crate::route::cloudevents::{CloudEvents, Mode};
+        let mode = Mode::parse(&self.cloudevents).map_err(|e| {
+            bad_key(
+                "routing.cloudevents",
+                e,
+                "\"off\" (the default), \"binary\" (ce-* headers) or \"structured\" (a CloudEvents JSON payload)",
+            )
+        })?;
+        // The templates are checked in every mode, so switching it on cannot fail later.
+        let ce = CloudEvents::new(
+            mode.unwrap_or(Mode::Binary),
+            &self.cloudevents_type,
+            &self.cloudevents_source,
+            &self.cloudevents_dataschema,
+            Some(content_type),
+        )
+        .map_err(|e| {
+            bad_key(
+                e.key,
+                e.problem,
+                "a template over the event's fields, e.g. \"{aggregate_type}.{event_topic}\" or \"/orders/{source_bc}\"",
+            )
+        })?;
+        Ok(mode.map(|_| ce))
     }
 
     /// The compiled rules file, if one is configured; errors name the key, the rule and
@@ -614,6 +660,7 @@ impl Config {
                 "\"full\" (the default) writes every header; \"compact\" only the message id, the position and the origin",
             ));
         }
+        self.routing.cloudevents(&self.outbox.content_type)?;
         check_ident("postgres.slot", &self.postgres.slot)?;
         check_ident("postgres.publication", &self.postgres.publication)?;
         if self.postgres.status_interval.is_zero() {
@@ -1069,6 +1116,23 @@ listen = "127.0.0.1:9187"
         assert_eq!(cfg.postgres.slot, "b");
         assert_eq!(cfg.nats.max_in_flight, 12);
         assert_eq!(cfg.outbox.columns.event_topic, "type");
+        let cfg = Config::from_sources(
+            "",
+            &env(&[
+                ("OUTBOX_RELAY_ROUTING_CLOUDEVENTS", "structured"),
+                (
+                    "OUTBOX_RELAY_ROUTING_CLOUDEVENTS_SOURCE",
+                    "/shop/{source_bc}",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.routing.cloudevents, "structured");
+        assert_eq!(cfg.routing.cloudevents_source, "/shop/{source_bc}");
+        assert_eq!(
+            cfg.routing.cloudevents_type,
+            "{aggregate_type}.{event_topic}"
+        );
     }
 
     #[test]
@@ -1127,6 +1191,40 @@ listen = "127.0.0.1:9187"
         );
         cfg.routing.headers = "compact".into();
         assert!(cfg.validate().is_ok() && cfg.routing.compact_headers());
+        let mut cfg = Config::default();
+        cfg.routing.cloudevents = "json".into();
+        let err = cfg.validate().unwrap_err().message;
+        assert!(
+            err.contains("routing.cloudevents: must be \"off\", \"binary\" or \"structured\""),
+            "{err}"
+        );
+        for mode in ["off", "binary", "structured"] {
+            cfg.routing.cloudevents = mode.into();
+            cfg.validate().unwrap();
+        }
+        for key in ["type", "source", "dataschema"] {
+            let mut cfg = Config::default();
+            let bad = "x.{nope}".to_string();
+            match key {
+                "type" => cfg.routing.cloudevents_type = bad,
+                "source" => cfg.routing.cloudevents_source = bad,
+                _ => cfg.routing.cloudevents_dataschema = bad,
+            }
+            let err = cfg.validate().unwrap_err().message;
+            assert!(
+                err.contains(&format!(
+                    "routing.cloudevents_{key}: unknown field {{nope}}"
+                )),
+                "{err}"
+            );
+        }
+        let mut cfg = Config::default();
+        cfg.routing.cloudevents_source = String::new();
+        let err = cfg.validate().unwrap_err().message;
+        assert!(
+            err.contains("routing.cloudevents_source: is empty"),
+            "{err}"
+        );
         let mut cfg = Config::default();
         cfg.postgres.slot = "Bad-Slot".into();
         assert!(

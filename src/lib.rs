@@ -9,7 +9,8 @@
 //! - [`source`]: replication stream (transport: `pgwire-replication`) and SQL admin
 //!   (slot, publication, migrations, environment checks).
 //! - [`decode`]: pure pgoutput parser, relation cache, row → [`decode::OutboxEvent`].
-//! - [`route`]: pure routing: subject template, rules file, `destination_topics`, headers.
+//! - [`route`]: pure routing: subject template, rules file, `destination_topics`, headers,
+//!   CloudEvents (`routing.cloudevents`).
 //! - [`placement`]: per-event decisions: each copy's stream, or why it is dead-lettered
 //!   (size, no stream, schedules, fallbacks, `all_or_nothing`), before publishing.
 //! - [`sink`]: JetStream publishing with pipelined PubAcks, dead letters, streams.

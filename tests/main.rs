@@ -6,6 +6,7 @@
 
 mod audit;
 mod chaos;
+mod cloudevents;
 mod core;
 mod exactly_once;
 mod faults;

@@ -48,7 +48,8 @@ pub const REPLAY_OF: &str = "Outbox-Replay-Of";
 pub const REDRIVE: &str = "Outbox-Redrive";
 
 /// Every header name the relay sets itself, for the README and for tests.
-pub fn header_names() -> [&'static str; 21] {
+pub fn header_names() -> [&'static str; 30] {
+    use super::cloudevents as ce;
     [
         ORIGIN,
         CONTENT_TYPE,
@@ -71,6 +72,15 @@ pub fn header_names() -> [&'static str; 21] {
         REPLAY,
         REPLAY_OF,
         REDRIVE,
+        ce::CE_SPECVERSION,
+        ce::CE_ID,
+        ce::CE_SOURCE,
+        ce::CE_TYPE,
+        ce::CE_SUBJECT,
+        ce::CE_TIME,
+        ce::CE_DATASCHEMA,
+        ce::CE_DATACONTENTTYPE,
+        ce::CONTENT_TYPE,
     ]
 }
 
@@ -100,6 +110,10 @@ pub struct HeaderSet {
     /// `outbox.content_type`: the `Content-Type` of rows whose own column is NULL or
     /// unmapped.
     content_type: Option<Bytes>,
+    /// `routing.cloudevents` is on: the content type header is `content-type` (as
+    /// CloudEvents SDKs read it) and metadata cannot set `ce-*` or `content-type`
+    /// headers (they would forge the event's attributes).
+    cloudevents: bool,
     /// Interior mutability keeps routing `&self`; a session routes on one task.
     template: RefCell<Option<Template>>,
 }
@@ -112,6 +126,7 @@ impl Clone for HeaderSet {
             origin: self.origin.clone(),
             compact: self.compact,
             content_type: self.content_type.clone(),
+            cloudevents: self.cloudevents,
             template: RefCell::new(None),
         }
     }
@@ -194,6 +209,7 @@ impl HeaderSet {
             origin: value(origin),
             compact: false,
             content_type: None,
+            cloudevents: false,
             template: RefCell::new(None),
         }
     }
@@ -209,6 +225,21 @@ impl HeaderSet {
     /// The compact profile (`routing.headers = "compact"`).
     pub fn compact(mut self, compact: bool) -> Self {
         self.compact = compact;
+        self
+    }
+
+    /// CloudEvents modes (`routing.cloudevents` not `"off"`): see the field. The
+    /// `ce-*` headers themselves are added per message by
+    /// [`super::cloudevents::CloudEvents::apply`], after [`HeaderSet::build`], so they are
+    /// never part of the template.
+    pub fn cloudevents(mut self, on: bool) -> Self {
+        self.cloudevents = on;
+        self.names.sticky[STICKY - 1] = HeaderName::from_static(if on {
+            super::cloudevents::CONTENT_TYPE
+        } else {
+            CONTENT_TYPE
+        });
+        *self.template.get_mut() = None;
         self
     }
 
@@ -254,7 +285,7 @@ impl HeaderSet {
             put(&mut h, &names.aggregate_id, a);
         }
         if let Some(meta) = &ev.metadata {
-            metadata_headers(&mut h, meta);
+            metadata_headers(&mut h, meta, self.cloudevents);
         }
         h
     }
@@ -363,7 +394,7 @@ fn is_clean(text: &str) -> bool {
 
 /// Where [`MSG_ID_TEXT`] starts in `bytes`, in any case. Anchored on its first `-`
 /// (few values have one), as this runs for every header of every message.
-fn find_msg_id(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn find_msg_id(bytes: &[u8]) -> Option<usize> {
     bytes
         .iter()
         .enumerate()
@@ -388,14 +419,17 @@ pub fn value(text: &str) -> HeaderValue {
 /// `Outbox-*`, nor hide `Nats-Msg-Id` (see [`MSG_ID_TEXT`]). Values are read one by
 /// one, so one key that cannot be a header (nested 5,000 levels deep, a number beyond
 /// f64) leaves the others in place; a number is written as PostgreSQL wrote it.
-fn metadata_headers(h: &mut HeaderMap, raw: &bytes::Bytes) {
+///
+/// In CloudEvents modes (`cloudevents`), `ce-*` and `content-type` keys (any case) are
+/// left out too: the event's attributes come from its columns only.
+fn metadata_headers(h: &mut HeaderMap, raw: &bytes::Bytes, cloudevents: bool) {
     let Ok(map) = serde_json::from_slice::<
         std::collections::BTreeMap<String, &serde_json::value::RawValue>,
     >(raw) else {
         return;
     };
     for (k, raw) in map {
-        if !is_metadata_name(&k) {
+        if !is_metadata_name(&k) || (cloudevents && is_cloudevents_name(&k)) {
             continue;
         }
         let text = raw.get();
@@ -414,6 +448,12 @@ fn metadata_headers(h: &mut HeaderMap, raw: &bytes::Bytes) {
             h.insert(name, value);
         }
     }
+}
+
+/// A CloudEvents header name: `ce-*` or `content-type`, any case.
+fn is_cloudevents_name(k: &str) -> bool {
+    k.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
+        || k.eq_ignore_ascii_case(super::cloudevents::CONTENT_TYPE)
 }
 
 /// A metadata key usable as a header name: printable ASCII without `:`, at most 128

@@ -6,6 +6,7 @@
 //! routed becomes an envelope marked with a dead-letter reason; the sink publishes it to
 //! the dead-letter subject and the stream moves on.
 
+pub mod cloudevents;
 pub mod headers;
 pub mod rules;
 mod subject;
@@ -13,7 +14,7 @@ mod template;
 
 pub use headers::{HeaderSet, format_lsn, header_names};
 pub use subject::{sanitize_token, validate_subject};
-pub use template::{Field, MAX_PARTITIONS, Template, partition};
+pub use template::{Field, MAX_PARTITIONS, Template, TextTemplate, partition};
 
 use bytes::Bytes;
 
@@ -80,6 +81,9 @@ pub struct Router {
     headers: HeaderSet,
     rules: Option<rules::Rules>,
     prefix: Option<Template>,
+    /// `routing.cloudevents`; `None` (`"off"`): messages are not CloudEvents, at the
+    /// cost of one branch per event.
+    cloudevents: Option<cloudevents::CloudEvents>,
 }
 
 impl Router {
@@ -91,7 +95,16 @@ impl Router {
             headers: HeaderSet::new(origin),
             rules: None,
             prefix: None,
+            cloudevents: None,
         }
+    }
+
+    /// `routing.cloudevents`: every message published (not the dead letters) is also a
+    /// CloudEvent, in the binary or structured content mode; `None` for `"off"`.
+    pub fn with_cloudevents(mut self, cloudevents: Option<cloudevents::CloudEvents>) -> Self {
+        self.headers = self.headers.cloudevents(cloudevents.is_some());
+        self.cloudevents = cloudevents;
+        self
     }
 
     /// The `{partition:N}` count of the subject template, if it has one.
@@ -163,7 +176,20 @@ impl Router {
     /// the event nowhere (every target's conditions false or sampled out, no fallback).
     pub fn route(&self, ev: &OutboxEvent, commit_lsn: u64, next_index: &mut u32) -> Vec<Envelope> {
         let envs = self.route_unchecked(ev, commit_lsn, next_index);
-        self.enforce_prefix(ev, envs)
+        let envs = self.enforce_prefix(ev, envs);
+        self.cloudevents(ev, envs)
+    }
+
+    /// Makes each envelope a CloudEvent (after rules transforms and rule headers: the
+    /// payload and headers are final), or a dead letter when a required attribute is
+    /// missing.
+    fn cloudevents(&self, ev: &OutboxEvent, mut envs: Vec<Envelope>) -> Vec<Envelope> {
+        if let Some(ce) = &self.cloudevents {
+            for env in &mut envs {
+                ce.apply(ev, env);
+            }
+        }
+        envs
     }
 
     fn route_unchecked(
@@ -312,7 +338,8 @@ impl Router {
             env.headers.insert(name.as_str(), headers::value(&value));
         }
         set_partition(&mut env, t.partition);
-        self.enforce_prefix(ev, vec![env])
+        let envs = self.enforce_prefix(ev, vec![env]);
+        self.cloudevents(ev, envs)
             .pop()
             .filter(|e| e.dead_letter.is_none())
     }

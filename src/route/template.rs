@@ -77,51 +77,57 @@ pub struct Template {
     parts: Vec<Part>,
 }
 
-impl Template {
-    pub fn parse(text: &str) -> Result<Template, String> {
-        let mut parts = Vec::new();
-        let mut rest = text;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Literal(rest[..open].to_string()));
-            }
-            let Some(close) = rest[open..].find('}') else {
-                return Err(format!("unclosed {{ in {text:?}"));
-            };
-            let name = &rest[open + 1..open + close];
-            if let Some(n) = name.strip_prefix("partition:") {
-                let n = n
+/// The `{field}` placeholders and literal text of a template.
+fn parse_parts(text: &str) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(Part::Literal(rest[..open].to_string()));
+        }
+        let Some(close) = rest[open..].find('}') else {
+            return Err(format!("unclosed {{ in {text:?}"));
+        };
+        let name = &rest[open + 1..open + close];
+        if let Some(n) = name.strip_prefix("partition:") {
+            let n = n
                     .parse::<u32>()
                     .ok()
                     .filter(|n| (1..=MAX_PARTITIONS).contains(n))
                     .ok_or_else(|| {
                         format!("{{{name}}}: the partition count must be a whole number from 1 to {MAX_PARTITIONS}")
                     })?;
-                parts.push(Part::Partition(n));
-                rest = &rest[open + close + 1..];
-                continue;
-            }
-            let field = Field::ALL
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, f)| *f)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = Field::ALL.iter().map(|(n, _)| *n).collect();
-                    format!("unknown field {{{name}}}; known: {}", known.join(", "))
-                })?;
-            parts.push(Part::Field(field));
+            parts.push(Part::Partition(n));
             rest = &rest[open + close + 1..];
+            continue;
         }
-        if !rest.is_empty() {
-            parts.push(Part::Literal(rest.to_string()));
+        let field = Field::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Field::ALL.iter().map(|(n, _)| *n).collect();
+                format!("unknown field {{{name}}}; known: {}", known.join(", "))
+            })?;
+        parts.push(Part::Field(field));
+        rest = &rest[open + close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Literal(rest.to_string()));
+    }
+    for p in &parts {
+        if let Part::Literal(l) = p
+            && l.contains('}')
+        {
+            return Err(format!("unmatched }} in {text:?}"));
         }
-        for p in &parts {
-            if let Part::Literal(l) = p
-                && l.contains('}')
-            {
-                return Err(format!("unmatched }} in {text:?}"));
-            }
-        }
+    }
+    Ok(parts)
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let parts = parse_parts(text)?;
         // A template must be a valid subject with every field filled in.
         let probe: String = parts
             .iter()
@@ -202,6 +208,46 @@ impl Template {
         }
         validate_subject(&out)
             .map_err(|e| format!("routed subject {}: {e}", super::quoted(&out)))?;
+        Ok(out)
+    }
+}
+
+/// A template of free text over the event's fields (the CloudEvents `type`, `source`
+/// and `dataschema`): the same placeholders as a subject template, values inserted as
+/// written (no subject sanitising), any literal text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextTemplate {
+    parts: Vec<Part>,
+}
+
+impl TextTemplate {
+    /// Parses `text`; an empty template is refused (it would render nothing).
+    pub fn parse(text: &str) -> Result<TextTemplate, String> {
+        if text.is_empty() {
+            return Err("is empty".into());
+        }
+        Ok(TextTemplate {
+            parts: parse_parts(text)?,
+        })
+    }
+
+    /// The text for `ev`, or the first field it needs that is NULL, empty or not UTF-8.
+    pub fn render(&self, ev: &OutboxEvent) -> Result<String, Field> {
+        let mut out = String::with_capacity(64);
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => out.push_str(l),
+                Part::Field(f) => out.push_str(f.value(ev).filter(|v| !v.is_empty()).ok_or(*f)?),
+                Part::Partition(n) => {
+                    let id = Field::AggregateId
+                        .value(ev)
+                        .filter(|v| !v.is_empty())
+                        .ok_or(Field::AggregateId)?;
+                    use std::fmt::Write;
+                    let _ = write!(out, "{}", partition(id.as_bytes(), *n));
+                }
+            }
+        }
         Ok(out)
     }
 }
