@@ -261,7 +261,7 @@ struct Outgoing {
     headers: HeaderMap,
     payload: bytes::Bytes,
     /// The row's id, for a dead letter's `Outbox-Event-Id`.
-    event_id: bytes::Bytes,
+    event_id: Option<bytes::Bytes>,
     /// The stream the index says captures it.
     stream: String,
 }
@@ -444,7 +444,7 @@ async fn dead_letter(
     let event_id = dead.event_id.clone();
     let reason = crate::sink::mark_dead_letter(
         &mut dead.headers,
-        &event_id,
+        event_id.as_deref(),
         &format!("jetstream refused the message ({code}): {e}"),
         &dead.subject,
         Some(code),

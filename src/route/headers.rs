@@ -222,6 +222,11 @@ impl HeaderSet {
         self
     }
 
+    /// Messages carry no `Outbox-Event-Id` (the compact profile).
+    pub fn is_compact(&self) -> bool {
+        self.compact
+    }
+
     /// The compact profile (`routing.headers = "compact"`).
     pub fn compact(mut self, compact: bool) -> Self {
         self.compact = compact;

@@ -39,10 +39,11 @@ pub struct Envelope {
     /// Set when the event cannot be published as routed; the sink sends it to the
     /// dead-letter subject with this reason.
     pub dead_letter: Option<String>,
-    /// The row's id: a dead letter always carries it as `Outbox-Event-Id`, in the
-    /// compact header profile too, so `dlq` and `audit` name the row without parsing
-    /// `Nats-Msg-Id` (whose fan-out suffix cannot be told from an id with a `:`).
-    pub event_id: Bytes,
+    /// The row's id when the headers lack `Outbox-Event-Id` (the compact profile): a
+    /// dead letter always carries it, so `dlq` and `audit` name the row without parsing
+    /// `Nats-Msg-Id` (whose fan-out suffix cannot be told from an id with a `:`). `None`
+    /// in the full profile, whose headers have it: no per-event clone there.
+    pub event_id: Option<Bytes>,
     /// The stream that will store it (filled in by the pipeline, for metrics).
     pub stream: String,
     /// Commit time of its transaction, µs since the Unix epoch (0 = unknown), for the
@@ -309,7 +310,7 @@ impl Router {
             subject,
             payload: ev.payload.clone(),
             dead_letter,
-            event_id: ev.id.clone(),
+            event_id: self.headers.is_compact().then(|| ev.id.clone()),
             ..Envelope::default()
         }
     }

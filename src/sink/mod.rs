@@ -485,7 +485,7 @@ impl Sink {
         let mut headers = env.headers;
         let reason = mark_dead_letter(
             &mut headers,
-            &env.event_id,
+            env.event_id.as_deref(),
             reason,
             &env.subject,
             error_code,
@@ -581,13 +581,13 @@ const MAX_REASON: usize = 1024;
 /// them, for the session's dead letters and for `replay`'s.
 pub fn mark_dead_letter(
     headers: &mut async_nats::HeaderMap,
-    event_id: &[u8],
+    event_id: Option<&[u8]>,
     reason: &str,
     subject: &str,
     error_code: Option<u64>,
 ) -> String {
     if headers.get(headers::EVENT_ID).is_none()
-        && let Ok(id) = std::str::from_utf8(event_id)
+        && let Some(Ok(id)) = event_id.map(std::str::from_utf8)
     {
         headers.insert(
             HeaderName::from_static(headers::EVENT_ID),
