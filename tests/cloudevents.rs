@@ -323,26 +323,8 @@ cloudevents_source = "/shop/{source_bc}"
 /// content type; the SDK reads it back as binary data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_mode_bytea_payload_is_data_base64() {
-    let env = Env::start().await;
+    let env = Env::start_with_bytea_outbox("[routing]\ncloudevents = \"structured\"\n").await;
     let c = env.sql().await;
-    c.batch_execute(
-        "CREATE TABLE blobs (id uuid primary key default gen_random_uuid(),
-                             event_topic text not null, aggregate_type text, source_bc text,
-                             payload bytea not null, content_type text,
-                             created_at timestamptz not null default now())",
-    )
-    .await
-    .unwrap();
-    env.write_config(
-        r#"
-[outbox]
-table = "public.blobs"
-[routing]
-cloudevents = "structured"
-"#,
-    );
-    let out = env.cli(&["migrate"]);
-    assert!(out.status.success(), "{}", out.text());
     let js = env.js().await;
     let _relay = env.spawn_relay();
     let bytes: Vec<u8> = (0..=255u8).collect();

@@ -50,6 +50,26 @@ impl Env {
         env
     }
 
+    /// A `blobs` outbox table whose payload is `bytea` (issue 16), `[outbox] table =
+    /// "public.blobs"` plus `extra` TOML, migrated (publication and slot).
+    pub async fn start_with_bytea_outbox(extra: &str) -> Env {
+        let env = Self::start().await;
+        env.sql()
+            .await
+            .batch_execute(
+                "CREATE TABLE blobs (id uuid primary key default gen_random_uuid(),
+                                     event_topic text not null, aggregate_type text,
+                                     source_bc text, payload bytea not null, content_type text,
+                                     created_at timestamptz not null default now())",
+            )
+            .await
+            .unwrap();
+        env.write_config(&format!("[outbox]\ntable = \"public.blobs\"\n{extra}"));
+        let out = env.cli(&["migrate"]);
+        assert!(out.status.success(), "{}", out.text());
+        env
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("relay.toml")
     }

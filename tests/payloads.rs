@@ -63,25 +63,8 @@ fn assert_published(msgs: &[Msg], sent: &HashMap<String, Vec<u8>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytea_payloads_are_published_as_their_bytes_with_a_content_type() {
-    let env = Env::start().await;
+    let env = Env::start_with_bytea_outbox("content_type = \"application/octet-stream\"\n").await;
     let c = env.sql().await;
-    c.batch_execute(
-        "CREATE TABLE blobs (id uuid primary key default gen_random_uuid(),
-                             event_topic text not null, aggregate_type text,
-                             payload bytea not null, content_type text,
-                             created_at timestamptz not null default now())",
-    )
-    .await
-    .unwrap();
-    env.write_config(
-        r#"
-[outbox]
-table = "public.blobs"
-content_type = "application/octet-stream"
-"#,
-    );
-    let out = env.cli(&["migrate"]);
-    assert!(out.status.success(), "{}", out.text());
     let js = env.js().await;
 
     // `escape` first: the walsender started by this relay writes bytea that way.
