@@ -230,7 +230,7 @@ pub async fn run(
                     subject: env.subject.clone(),
                     headers: replayed(&env, &run, &opts.mode),
                     payload: env.payload.clone(),
-                    event_id: env.event_id.clone(),
+                    event_id_len: env.event_id_len,
                     stream,
                 };
                 let ack = publish(&a.js, &msg).await?;
@@ -260,8 +260,8 @@ struct Outgoing {
     subject: String,
     headers: HeaderMap,
     payload: bytes::Bytes,
-    /// The row's id, for a dead letter's `Outbox-Event-Id`.
-    event_id: Option<bytes::Bytes>,
+    /// See [`crate::route::Envelope::event_id_len`].
+    event_id_len: usize,
     /// The stream the index says captures it.
     stream: String,
 }
@@ -441,10 +441,9 @@ async fn dead_letter(
         .map(|v| v.as_str().to_string())
         .unwrap_or_default();
     let mut dead = renamed(msg, &id, &format!("{id}:dlq:{run}"));
-    let event_id = dead.event_id.clone();
     let reason = crate::sink::mark_dead_letter(
         &mut dead.headers,
-        event_id.as_deref(),
+        dead.event_id_len,
         &format!("jetstream refused the message ({code}): {e}"),
         &dead.subject,
         Some(code),

@@ -87,6 +87,14 @@ async fn insert(c: &tokio_postgres::Client, rows: &[Row<'_>]) -> Vec<(String, St
 const PAYLOAD: &str = r#"{"total": 12.50, "note": "Zürich \"HQ\"", "items": [1, 2]}"#;
 const OCCURRED_AT: &str = "2026-12-05 08:49:56.123456+05:30";
 const OCCURRED_AT_UTC: &str = "2026-12-05T03:19:56.123456+00:00";
+/// A row with every attribute a CloudEvent can take from it.
+const FULL_ROW: Row<'static> = (
+    "order",
+    Some("ord-1"),
+    Some("sales"),
+    Some(OCCURRED_AT),
+    PAYLOAD,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_mode_messages_parse_as_cloudevents() {
@@ -104,13 +112,7 @@ cloudevents_dataschema = "https://schemas.example.com/{schema_id}/v{schema_versi
     let rows = insert(
         &c,
         &[
-            (
-                "order",
-                Some("ord-1"),
-                Some("sales"),
-                Some(OCCURRED_AT),
-                PAYLOAD,
-            ),
+            FULL_ROW,
             // No source_bc: `source` (default "{source_bc}") cannot be made.
             ("order", Some("ord-2"), None, None, r#"{"n": 2}"#),
             ("order", None, Some("Sales Dept/ü"), None, r#"{"n": 3}"#),
@@ -199,13 +201,7 @@ cloudevents_source = "/shop/{source_bc}"
     let rows = insert(
         &c,
         &[
-            (
-                "order",
-                Some("ord-1"),
-                Some("sales"),
-                Some(OCCURRED_AT),
-                PAYLOAD,
-            ),
+            FULL_ROW,
             (
                 "order",
                 Some("ord-1"),
@@ -293,22 +289,8 @@ cloudevents_source = "/shop/{source_bc}"
     // Routing is deterministic: `replay --fill` rebuilds a lost message from the table
     // as the same CloudEvent, byte for byte.
     let lost = &msgs[0];
-    js.get_stream(STREAM)
-        .await
-        .unwrap()
-        .delete_message(lost.seq)
-        .await
-        .unwrap();
     // The same configuration as the relay's, environment included.
-    let out = env.cli_env(&["replay", "--fill", "--wait", "60s"], STRUCTURED);
-    assert!(out.status.success(), "{}", out.text());
-    assert!(out.stdout.contains(": 1 sent"), "{}", out.text());
-    let msgs = wait_read(&js, STREAM, 5).await;
-    let filled: Vec<&Msg> = msgs
-        .iter()
-        .filter(|m| m.header("Outbox-Replay").is_some())
-        .collect();
-    assert_eq!(filled.len(), 1);
+    let filled = delete_and_fill(&env, &js, STREAM, &[lost], STRUCTURED).await;
     // Within the duplicate window the fill is sent as `<id>:fill:<run>`, naming the id.
     let of = filled[0].header("Outbox-Replay-Of");
     assert_eq!(of.unwrap_or(filled[0].msg_id()), lost.msg_id());

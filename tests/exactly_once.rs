@@ -70,6 +70,8 @@ async fn refused_messages_are_dead_lettered_in_place_and_nothing_is_skipped() {
         assert!(reason.contains("jetstream refused the message"), "{reason}");
         assert!(m.header("Outbox-Dlq-Error-Code").is_some(), "{m:?}");
         assert!(m.header("Outbox-Commit-Lsn").is_some() && m.header("Outbox-Tx-Index").is_some());
+        // Rebuilt after the refusal, it still names its row.
+        assert_eq!(m.header("Outbox-Event-Id"), Some(m.msg_id()), "{m:?}");
     }
     assert_eq!(dead[0].header("Outbox-Dlq-Error-Code"), Some("10054"));
     relay.assert_running("after the refusals");

@@ -536,6 +536,36 @@ pub async fn wait_stream_healthy(js: &jetstream::Context, stream: &str) {
     .await;
 }
 
+/// Lose stored messages and get them back: deletes `lost` from `stream`, runs `replay
+/// --fill` with `vars` (the relay's own settings, so it rebuilds the same messages),
+/// checks that it sent exactly that many, and returns the messages it filled.
+pub async fn delete_and_fill(
+    env: &Env,
+    js: &jetstream::Context,
+    stream: &str,
+    lost: &[&Msg],
+    vars: &[(&str, &str)],
+) -> Vec<Msg> {
+    let total = stream_count(js, stream).await;
+    let s = js.get_stream(stream).await.expect("stream");
+    for m in lost {
+        s.delete_message(m.seq)
+            .await
+            .expect("delete a stored message");
+    }
+    let out = env.cli_env(&["replay", "--fill", "--wait", "60s"], vars);
+    assert!(out.status.success(), "{}", out.text());
+    let sent = format!(": {} sent", lost.len());
+    assert!(out.stdout.contains(&sent), "{}", out.text());
+    let filled: Vec<Msg> = wait_read(js, stream, total)
+        .await
+        .into_iter()
+        .filter(|m| m.header("Outbox-Replay").is_some())
+        .collect();
+    assert_eq!(filled.len(), lost.len(), "one fill per lost message");
+    filled
+}
+
 /// Wait until `stream` holds `n` messages and read them all.
 pub async fn wait_read(js: &jetstream::Context, stream: &str, n: u64) -> Vec<Msg> {
     wait_count(js, stream, n).await;

@@ -100,21 +100,7 @@ async fn bytea_payloads_are_published_as_their_bytes_with_a_content_type() {
     // audit reads the table with SQL: it must see the same bytes to find a lost one,
     // and replay --fill must send those bytes.
     let lost = msgs.iter().find(|m| m.payload.len() == 256).unwrap();
-    js.get_stream(STREAM)
-        .await
-        .unwrap()
-        .delete_message(lost.seq)
-        .await
-        .unwrap();
-    let out = env.cli(&["replay", "--fill", "--wait", "60s"]);
-    assert!(out.status.success(), "{}", out.text());
-    assert!(out.stdout.contains(": 1 sent"), "{}", out.text());
-    let msgs = wait_read(&js, STREAM, 2 * n).await;
-    let filled: Vec<&Msg> = msgs
-        .iter()
-        .filter(|m| m.header("Outbox-Replay").is_some())
-        .collect();
-    assert_eq!(filled.len(), 1);
+    let filled = delete_and_fill(&env, &js, STREAM, &[lost], &[]).await;
     assert_eq!(
         filled[0].payload, lost.payload,
         "the fill sends the raw bytes"

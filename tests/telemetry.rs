@@ -293,17 +293,7 @@ async fn producer_spans_are_children_of_the_row_traceparent_and_parents_of_the_m
 
     // `replay` refills a lost message with the same `traceparent` (the span id is a
     // function of the message), and exports no span.
-    let stream = js.get_stream(STREAM).await.unwrap();
-    stream.delete_message(msgs[3].seq).await.unwrap();
-    let out = env.cli(&["replay", "--wait", "60s"]);
-    assert!(out.status.success(), "{}", out.text());
-    assert!(out.stdout.contains(": 1 sent"), "{}", out.text());
-    let all = read_all(&js, STREAM).await;
-    let filled: Vec<&Msg> = all
-        .iter()
-        .filter(|m| m.header("Outbox-Replay").is_some())
-        .collect();
-    assert_eq!(filled.len(), 1);
+    let filled = delete_and_fill(&env, &js, STREAM, &[&msgs[3]], &[]).await;
     assert_eq!(filled[0].header("Outbox-Event-Id"), Some(id_a.as_str()));
     assert_eq!(
         filled[0].header("traceparent"),

@@ -337,51 +337,56 @@ impl OutboxEvent {
     }
 }
 
+/// Writes `fields` and `fields_mut` from one list of the fields, so the two cannot
+/// disagree and a new column cannot be left out of one of them.
+macro_rules! column_fields {
+    ($($field:ident),* $(,)?) => {
+        /// `(field, column)` for every mapped field, the required ones first.
+        pub fn fields(&self) -> [(&'static str, &str); FIELDS] {
+            [$((stringify!($field), &self.$field)),*]
+        }
+
+        fn fields_mut(&mut self) -> [(&'static str, &mut String); FIELDS] {
+            [$((stringify!($field), &mut self.$field)),*]
+        }
+    };
+}
+
+/// How many fields an outbox row maps.
+const FIELDS: usize = 14;
+/// The fields a row cannot do without: the first ones of [`ColumnMap::fields`].
+const REQUIRED: usize = 3;
+
 impl ColumnMap {
-    /// `(field, column)` for every mapped field.
-    pub fn fields(&self) -> [(&'static str, &str); 14] {
-        [
-            ("id", &self.id),
-            ("event_topic", &self.event_topic),
-            ("payload", &self.payload),
-            ("aggregate_type", &self.aggregate_type),
-            ("aggregate_id", &self.aggregate_id),
-            ("tenant_id", &self.tenant_id),
-            ("source_bc", &self.source_bc),
-            ("destination_topics", &self.destination_topics),
-            ("schema_id", &self.schema_id),
-            ("schema_version", &self.schema_version),
-            ("metadata", &self.metadata),
-            ("occurred_at", &self.occurred_at),
-            ("created_at", &self.created_at),
-            ("content_type", &self.content_type),
-        ]
-    }
+    column_fields!(
+        id,
+        event_topic,
+        payload,
+        aggregate_type,
+        aggregate_id,
+        tenant_id,
+        source_bc,
+        destination_topics,
+        schema_id,
+        schema_version,
+        metadata,
+        occurred_at,
+        created_at,
+        content_type,
+    );
 
     /// The column names of the optional fields, to blank those a table lacks.
-    pub fn optional_mut(&mut self) -> [&mut String; 11] {
-        [
-            &mut self.aggregate_type,
-            &mut self.aggregate_id,
-            &mut self.tenant_id,
-            &mut self.source_bc,
-            &mut self.destination_topics,
-            &mut self.schema_id,
-            &mut self.schema_version,
-            &mut self.metadata,
-            &mut self.occurred_at,
-            &mut self.created_at,
-            &mut self.content_type,
-        ]
+    pub fn optional_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        self.fields_mut()
+            .into_iter()
+            .skip(REQUIRED)
+            .map(|(_, column)| column)
     }
 
     /// The fields a row cannot do without.
-    pub fn required_fields(&self) -> [(&'static str, &str); 3] {
-        [
-            ("id", &self.id),
-            ("event_topic", &self.event_topic),
-            ("payload", &self.payload),
-        ]
+    pub fn required_fields(&self) -> [(&'static str, &str); REQUIRED] {
+        let all = self.fields();
+        std::array::from_fn(|i| all[i])
     }
 }
 
@@ -403,6 +408,25 @@ mod tests {
 
     fn text(s: &str) -> TupleValue {
         TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn required_and_optional_fields_partition_the_mapped_fields() {
+        let mut map = ColumnMap::default();
+        let required: Vec<&str> = map.required_fields().iter().map(|(f, _)| *f).collect();
+        assert_eq!(required, ["id", "event_topic", "payload"]);
+        for column in map.optional_mut() {
+            column.clear();
+        }
+        let (blank, set): (Vec<_>, Vec<_>) =
+            map.fields().into_iter().partition(|(_, c)| c.is_empty());
+        assert_eq!(
+            blank.len(),
+            11,
+            "every optional field is blanked: {blank:?}"
+        );
+        let set: Vec<&str> = set.iter().map(|(f, _)| *f).collect();
+        assert_eq!(set, required, "and no required one");
     }
 
     #[test]

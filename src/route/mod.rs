@@ -39,11 +39,12 @@ pub struct Envelope {
     /// Set when the event cannot be published as routed; the sink sends it to the
     /// dead-letter subject with this reason.
     pub dead_letter: Option<String>,
-    /// The row's id when the headers lack `Outbox-Event-Id` (the compact profile): a
-    /// dead letter always carries it, so `dlq` and `audit` name the row without parsing
-    /// `Nats-Msg-Id` (whose fan-out suffix cannot be told from an id with a `:`). `None`
-    /// in the full profile, whose headers have it: no per-event clone there.
-    pub event_id: Option<Bytes>,
+    /// How many leading bytes of `Nats-Msg-Id` are the row's id. Every message id
+    /// begins with the row id (`<id>`, `<id>:<subject>` for a fan-out copy, `<id>:dead
+    /// letter <n>`, and `replay`'s renamed copies), so a dead letter names its row
+    /// (`Outbox-Event-Id`, in every header profile) from its message id exactly, even
+    /// when the id holds a `:`, and without a per-event copy of the id.
+    pub event_id_len: usize,
     /// The stream that will store it (filled in by the pipeline, for metrics).
     pub stream: String,
     /// Commit time of its transaction, µs since the Unix epoch (0 = unknown), for the
@@ -310,7 +311,7 @@ impl Router {
             subject,
             payload: ev.payload.clone(),
             dead_letter,
-            event_id: self.headers.is_compact().then(|| ev.id.clone()),
+            event_id_len: ev.id.len(),
             ..Envelope::default()
         }
     }

@@ -35,6 +35,8 @@ struct Sent {
     subject: String,
     payload: Bytes,
     msg_id: Option<HeaderValue>,
+    /// See [`Envelope::event_id_len`].
+    event_id_len: usize,
     committed_at_us: i64,
     counter: Counter,
     /// The producer span, when telemetry records one for this message.
@@ -299,6 +301,7 @@ impl Sink {
             subject: env.subject,
             payload: env.payload.clone(),
             msg_id,
+            event_id_len: env.event_id_len,
             committed_at_us: env.committed_at_us,
             counter,
             span,
@@ -439,17 +442,7 @@ impl Sink {
     ) -> Result<()> {
         let mut headers = async_nats::HeaderMap::new();
         if let Some(id) = sent.msg_id {
-            // The row id, which the message carried as `Outbox-Event-Id` (not kept in
-            // flight): the message id, less the `:<subject>` of a fan-out copy.
-            let copy = format!(":{}", sent.subject);
-            let event_id = id
-                .as_str()
-                .strip_suffix(copy.as_str())
-                .unwrap_or(id.as_str());
-            headers.insert(
-                HeaderName::from_static(headers::EVENT_ID),
-                headers::value(event_id),
-            );
+            // `Outbox-Event-Id` comes from it in `mark_dead_letter`.
             headers.insert(HeaderName::from_static(headers::MSG_ID), id);
         }
         if let Some(origin) = self.origin.clone() {
@@ -467,6 +460,7 @@ impl Sink {
             headers,
             payload: sent.payload,
             committed_at_us: sent.committed_at_us,
+            event_id_len: sent.event_id_len,
             ..Envelope::default()
         };
         self.dead_letter(env, reason, error_code).await
@@ -485,7 +479,7 @@ impl Sink {
         let mut headers = env.headers;
         let reason = mark_dead_letter(
             &mut headers,
-            env.event_id.as_deref(),
+            env.event_id_len,
             reason,
             &env.subject,
             error_code,
@@ -581,18 +575,19 @@ const MAX_REASON: usize = 1024;
 /// them, for the session's dead letters and for `replay`'s.
 pub fn mark_dead_letter(
     headers: &mut async_nats::HeaderMap,
-    event_id: Option<&[u8]>,
+    event_id_len: usize,
     reason: &str,
     subject: &str,
     error_code: Option<u64>,
 ) -> String {
     if headers.get(headers::EVENT_ID).is_none()
-        && let Some(Ok(id)) = event_id.map(std::str::from_utf8)
+        && let Some(id) = headers
+            .get(headers::MSG_ID)
+            .and_then(|m| m.as_str().get(..event_id_len))
+            .filter(|id| !id.is_empty())
     {
-        headers.insert(
-            HeaderName::from_static(headers::EVENT_ID),
-            headers::value(id),
-        );
+        let id = headers::value(id);
+        headers.insert(HeaderName::from_static(headers::EVENT_ID), id);
     }
     let reason = dead_letter_reason(reason);
     headers.insert(
@@ -688,7 +683,41 @@ fn publish_failed(health: &Health, denials: &Denials, kind: &str, message: &str)
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_REASON, dead_letter_reason, essential_headers, headers};
+    use super::{MAX_REASON, dead_letter_reason, essential_headers, headers, mark_dead_letter};
+
+    /// The row id is the message id's first `event_id_len` bytes: exact for an id
+    /// that holds `:` (which a suffix-stripping parse of `<id>:<subject>` got wrong),
+    /// and an existing `Outbox-Event-Id` (the full profile) is left as it is.
+    #[test]
+    fn dead_letters_name_the_row_from_the_message_ids_prefix() {
+        let id = "tenant:7:order-1";
+        let cases = [
+            (id.to_string(), None),
+            (format!("{id}:orders.eu"), None),
+            (format!("{id}:dead letter 1"), None),
+            (format!("{id}:orders.eu:fill:r1:dlq:r2"), None),
+            (format!("{id}:orders.eu"), Some(id)),
+        ];
+        for (msg_id, event_header) in cases {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::MSG_ID, msg_id.as_str());
+            if let Some(e) = event_header {
+                h.insert(headers::EVENT_ID, e);
+            }
+            mark_dead_letter(&mut h, id.len(), "no stream", "orders.eu", None);
+            let got: Vec<&str> = h.get_all(headers::EVENT_ID).map(|v| v.as_str()).collect();
+            assert_eq!(got, [id], "{msg_id}");
+        }
+        // No message id, or a length past it: no header rather than a wrong one.
+        for (msg_id, len) in [(None, 3), (Some("abc"), 9)] {
+            let mut h = async_nats::HeaderMap::new();
+            if let Some(m) = msg_id {
+                h.insert(headers::MSG_ID, m);
+            }
+            mark_dead_letter(&mut h, len, "r", "s", None);
+            assert!(h.get(headers::EVENT_ID).is_none());
+        }
+    }
 
     /// A dead letter too large even without its payload (a row's metadata value or
     /// column of several MB became a header) failed on every replay: the relay stalled.
