@@ -268,7 +268,15 @@ async fn run(cfg: Config, opts: app::RunOptions) -> ExitCode {
             Err(e) => return fail(&e),
         }
     };
-    let result = app::run(cfg, health, stop_rx, opts).await;
+    // A spawned task, not the `block_on` future itself: tokio's current-thread scheduler
+    // answers every wake of the `block_on` future with an extra non-blocking
+    // `epoll_wait` before polling it, which was two syscalls per event at live rates.
+    let result = match tokio::spawn(app::run(cfg, health, stop_rx, opts)).await {
+        Ok(result) => result,
+        Err(e) => Err(Error::fatal(format!(
+            "the session task ended abnormally: {e}"
+        ))),
+    };
     if let Some(t) = http_task {
         t.abort();
     }

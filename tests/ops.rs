@@ -309,8 +309,8 @@ async fn silent_stall_fails_readiness() {
 }
 
 /// `log.format = "json"`: every line is a JSON object; the backlog drained is logged
-/// once ("caught up"); a line made while handling a transaction carries its commit
-/// LSN (the `tx` span).
+/// once ("caught up"); a dead-letter line carries the event's position (its commit
+/// LSN and index in the transaction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_state_changes_and_the_commit_lsn() {
     let env = Env::start_migrated().await;
@@ -348,11 +348,12 @@ async fn json_logs_carry_state_changes_and_the_commit_lsn() {
         .find(|v| v["fields"]["message"] == "event dead-lettered")
         .expect("dead-letter line");
     assert!(
-        dead["span"]["commit_lsn"]
+        dead["fields"]["commit_lsn"]
             .as_str()
             .is_some_and(|l| l.contains('/')),
         "{dead}"
     );
+    assert_eq!(dead["fields"]["tx_index"], 0, "{dead}");
 }
 
 /// `check` judges stream coverage by the pattern routing can produce: streams split by

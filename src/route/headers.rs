@@ -4,8 +4,8 @@
 //! duplicate window; `Outbox-Commit-Lsn` + `Outbox-Tx-Index` are the event's position,
 //! which lets a restart reconcile with what a stream already holds beyond that window.
 
-use std::cell::RefCell;
 use std::str::FromStr;
+use std::sync::{Mutex, PoisonError};
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
@@ -114,8 +114,10 @@ pub struct HeaderSet {
     /// CloudEvents SDKs read it) and metadata cannot set `ce-*` or `content-type`
     /// headers (they would forge the event's attributes).
     cloudevents: bool,
-    /// Interior mutability keeps routing `&self`; a session routes on one task.
-    template: RefCell<Option<Template>>,
+    /// Interior mutability keeps routing `&self`; a session routes on one task, so the
+    /// lock is never contended (a `Mutex` rather than a `RefCell` so that the session
+    /// future is `Send` and can run as a spawned task, see `main.rs`).
+    template: Mutex<Option<Template>>,
 }
 
 impl Clone for HeaderSet {
@@ -127,7 +129,7 @@ impl Clone for HeaderSet {
             compact: self.compact,
             content_type: self.content_type.clone(),
             cloudevents: self.cloudevents,
-            template: RefCell::new(None),
+            template: Mutex::new(None),
         }
     }
 }
@@ -210,7 +212,7 @@ impl HeaderSet {
             compact: false,
             content_type: None,
             cloudevents: false,
-            template: RefCell::new(None),
+            template: Mutex::new(None),
         }
     }
 
@@ -244,7 +246,10 @@ impl HeaderSet {
         } else {
             CONTENT_TYPE
         });
-        *self.template.get_mut() = None;
+        *self
+            .template
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         self
     }
 
@@ -266,10 +271,19 @@ impl HeaderSet {
     pub fn build(&self, ev: &OutboxEvent, pos: Position, msg_id: Option<&str>) -> HeaderMap {
         let names = &self.names;
         let aggregate_id = text(ev.aggregate_id.as_ref()).filter(|_| !self.compact);
-        let mut cache = self.template.borrow_mut();
-        let fits = cache.as_mut().is_some_and(|t| {
-            t.has_aggregate_id == aggregate_id.is_some() && self.update(t, ev).is_ok()
-        });
+        // A panic while the template was being changed leaves it half-written: a
+        // poisoned lock means "rebuild it".
+        let (mut cache, poisoned) = match self.template.lock() {
+            Ok(cache) => (cache, false),
+            Err(p) => {
+                self.template.clear_poison();
+                (p.into_inner(), true)
+            }
+        };
+        let fits = !poisoned
+            && cache.as_mut().is_some_and(|t| {
+                t.has_aggregate_id == aggregate_id.is_some() && self.update(t, ev).is_ok()
+            });
         if !fits {
             *cache = None;
         }

@@ -229,10 +229,12 @@ impl<T> AckMux<T> {
         let send = self
             .client
             .publish_with_reply_and_headers(subject, reply, headers, payload);
-        let failed = match tokio::time::timeout(self.timeout, send).await {
+        // One clock read per message serves the hand-over bound and the ack's deadline.
+        let now = Instant::now();
+        let failed = match tokio::time::timeout_at((now + self.timeout).into(), send).await {
             Ok(Ok(())) => {
                 self.slots.push_back(Slot {
-                    sent_at: Instant::now(),
+                    sent_at: now,
                     outcome: None,
                     meta,
                 });

@@ -492,6 +492,8 @@ impl Sink {
         tracing::warn!(
             subject = %env.subject,
             dead_letter = %subject,
+            commit_lsn = %crate::route::format_lsn(env.pos.commit_lsn),
+            tx_index = env.pos.index,
             reason,
             trace_id = trace.map(|t| t.trace_id_hex()).as_deref(),
             span_id = trace.map(|t| t.span_id_hex()).as_deref(),
