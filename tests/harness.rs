@@ -546,7 +546,12 @@ pub async fn delete_and_fill(
     lost: &[&Msg],
     vars: &[(&str, &str)],
 ) -> Vec<Msg> {
-    let total = stream_count(js, stream).await;
+    // `stream_info` retries (`stream_count` reads 0 on an error).
+    let total = stream_info(js, stream)
+        .await
+        .expect("the stream exists")
+        .state
+        .messages;
     let s = js.get_stream(stream).await.expect("stream");
     for m in lost {
         s.delete_message(m.seq)

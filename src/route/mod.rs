@@ -311,7 +311,8 @@ impl Router {
             subject,
             payload: ev.payload.clone(),
             dead_letter,
-            event_id_len: ev.id.len(),
+            // `id_str`: what the message id starts with (see the field).
+            event_id_len: ev.id_str().len(),
             ..Envelope::default()
         }
     }

@@ -229,12 +229,12 @@ impl<T> AckMux<T> {
         let send = self
             .client
             .publish_with_reply_and_headers(subject, reply, headers, payload);
-        // One clock read per message serves the hand-over bound and the ack's deadline.
-        let now = Instant::now();
-        let failed = match tokio::time::timeout_at((now + self.timeout).into(), send).await {
+        let failed = match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(())) => {
+                // After the hand-over: the PubAck gets the whole ack timeout, and
+                // `puback_seconds` measures the server, not the client's queue.
                 self.slots.push_back(Slot {
-                    sent_at: now,
+                    sent_at: Instant::now(),
                     outcome: None,
                     meta,
                 });

@@ -268,6 +268,7 @@ impl Sink {
                 &env.subject,
                 env.pos.commit_lsn,
                 env.payload.len(),
+                env.event_id_len,
             ),
         };
         if let Some(reason) = env.dead_letter.clone() {
@@ -586,7 +587,6 @@ pub fn mark_dead_letter(
         && let Some(id) = headers
             .get(headers::MSG_ID)
             .and_then(|m| m.as_str().get(..event_id_len))
-            .filter(|id| !id.is_empty())
     {
         let id = headers::value(id);
         headers.insert(HeaderName::from_static(headers::EVENT_ID), id);
@@ -719,6 +719,11 @@ mod tests {
             mark_dead_letter(&mut h, len, "r", "s", None);
             assert!(h.get(headers::EVENT_ID).is_none());
         }
+        // An empty row id (a '' id column) is named, empty, as the full profile does.
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MSG_ID, ":orders.eu");
+        mark_dead_letter(&mut h, 0, "r", "s", None);
+        assert_eq!(h.get(headers::EVENT_ID).map(|v| v.as_str()), Some(""));
     }
 
     /// A dead letter too large even without its payload (a row's metadata value or

@@ -158,6 +158,8 @@ pub struct Started {
     trace_flags: u8,
     trace_state: Option<String>,
     msg_id: String,
+    /// See [`crate::route::Envelope::event_id_len`]: the row id is `msg_id`'s prefix.
+    event_id_len: usize,
     commit_lsn: u64,
     body_size: usize,
     start_unix_ns: u64,
@@ -256,6 +258,7 @@ impl Telemetry {
         subject: &str,
         commit_lsn: u64,
         body_size: usize,
+        event_id_len: usize,
     ) -> Option<Box<Started>> {
         let p = propagate(headers, &self.traceparent, subject, self.ratio)?;
         if !p.recorded {
@@ -272,6 +275,7 @@ impl Telemetry {
             msg_id: headers
                 .get(HeaderName::from_static(MSG_ID))
                 .map_or_else(String::new, |v| v.as_str().to_string()),
+            event_id_len,
             commit_lsn,
             body_size,
             start_unix_ns: now_unix_ns(),
@@ -305,8 +309,7 @@ impl Telemetry {
 /// The finished span: name, the messaging semantic-convention attributes, the
 /// relay's own (`outbox.*`), and the status.
 pub fn finish(s: Started, subject: &str, outcome: Outcome<'_>, end_unix_ns: u64) -> SpanData {
-    let copy = format!(":{subject}");
-    let event_id = s.msg_id.strip_suffix(copy.as_str()).unwrap_or(&s.msg_id);
+    let event_id = s.msg_id.get(..s.event_id_len).unwrap_or(&s.msg_id);
     let mut attributes = vec![
         ("messaging.system", Value::Str("nats".into())),
         ("messaging.operation.name", Value::Str("publish".into())),
@@ -381,7 +384,7 @@ mod tests {
         let (t, mut rx) = handle(1.0, 8);
         let mut h = headers(TP);
         let started = t
-            .start(&mut h, "outbox.order.created", 0x1_0000_0A00, 42)
+            .start(&mut h, "outbox.order.created", 0x1_0000_0A00, 42, ID.len())
             .unwrap();
         let written = TraceParent::parse(h.get(TRACEPARENT).unwrap().as_str()).unwrap();
         let parent = TraceParent::parse(TP).unwrap();
@@ -391,7 +394,13 @@ mod tests {
         assert_eq!(h.get(TRACESTATE).unwrap().as_str(), "congo=t61rcWkgMzE");
         // The same message again (a replay): the same header.
         let mut again = headers(TP);
-        t.start(&mut again, "outbox.order.created", 0x1_0000_0A00, 42);
+        t.start(
+            &mut again,
+            "outbox.order.created",
+            0x1_0000_0A00,
+            42,
+            ID.len(),
+        );
         assert_eq!(again.get(TRACEPARENT), h.get(TRACEPARENT));
         t.end(started, "outbox.order.created", Outcome::Acked);
         let span = rx.try_recv().unwrap().into_span();
@@ -429,9 +438,9 @@ mod tests {
         let mut h = headers(TP);
         let copy_id = format!("{ID}:outbox.audit");
         h.insert(MSG_ID, copy_id.as_str());
-        let started = t.start(&mut h, "outbox.audit", 7, 0).unwrap();
+        let started = t.start(&mut h, "outbox.audit", 7, 0, ID.len()).unwrap();
         let mut first = headers(TP);
-        t.start(&mut first, "outbox.order.created", 7, 0);
+        t.start(&mut first, "outbox.order.created", 7, 0, ID.len());
         assert_ne!(h.get(TRACEPARENT), first.get(TRACEPARENT));
         t.end(
             started,
@@ -463,18 +472,18 @@ mod tests {
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
         ] {
             let mut h = headers(bad);
-            assert!(t.start(&mut h, "a.b", 1, 1).is_none());
+            assert!(t.start(&mut h, "a.b", 1, 1, ID.len()).is_none());
             assert_eq!(h.get(TRACEPARENT).unwrap().as_str(), bad, "left as it was");
         }
         let mut h = HeaderMap::new();
         h.insert(MSG_ID, ID);
-        assert!(t.start(&mut h, "a.b", 1, 1).is_none());
+        assert!(t.start(&mut h, "a.b", 1, 1, ID.len()).is_none());
         assert!(h.get(TRACEPARENT).is_none());
         // Unsampled parent: not recorded, but the header still names the relay's span
         // (unsampled), as an OpenTelemetry SDK propagates a non-recording span.
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         let mut h = headers(unsampled);
-        assert!(t.start(&mut h, "a.b", 1, 1).is_none());
+        assert!(t.start(&mut h, "a.b", 1, 1, ID.len()).is_none());
         let written = TraceParent::parse(h.get(TRACEPARENT).unwrap().as_str()).unwrap();
         assert!(!written.sampled());
         assert_ne!(
@@ -484,7 +493,7 @@ mod tests {
         // Ratio 0: sampled parent, not recorded, flag cleared downstream.
         let (t0, _rx) = handle(0.0, 8);
         let mut h = headers(TP);
-        assert!(t0.start(&mut h, "a.b", 1, 1).is_none());
+        assert!(t0.start(&mut h, "a.b", 1, 1, ID.len()).is_none());
         assert!(
             !TraceParent::parse(h.get(TRACEPARENT).unwrap().as_str())
                 .unwrap()
@@ -497,14 +506,14 @@ mod tests {
         let (t, mut rx) = handle(1.0, 2);
         for _ in 0..5 {
             let mut h = headers(TP);
-            let s = t.start(&mut h, "a.b", 1, 1).unwrap();
+            let s = t.start(&mut h, "a.b", 1, 1, ID.len()).unwrap();
             t.end(s, "a.b", Outcome::Acked);
         }
         assert_eq!(t.dropped.get(), 3);
         assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
         drop(rx);
         let mut h = headers(TP);
-        let s = t.start(&mut h, "a.b", 1, 1).unwrap();
+        let s = t.start(&mut h, "a.b", 1, 1, ID.len()).unwrap();
         t.end(s, "a.b", Outcome::Acked);
         assert_eq!(t.dropped.get(), 4, "a closed queue drops too");
     }
@@ -522,7 +531,7 @@ mod tests {
         let started = std::time::Instant::now();
         for _ in 0..N {
             let mut h = base.clone();
-            let s = t.start(&mut h, "outbox.order.created", 7, 100);
+            let s = t.start(&mut h, "outbox.order.created", 7, 100, ID.len());
             if let Some(s) = s {
                 t.end(s, "outbox.order.created", Outcome::Acked);
             }
