@@ -163,6 +163,19 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
+/// Resolves when a session must end: `None` once `shutdown` is true, or the fatal
+/// condition the monitor found (shutdown first when both hold).
+async fn session_end(
+    mut shutdown: watch::Receiver<bool>,
+    mut fatal: watch::Receiver<Option<Error>>,
+) -> Option<Error> {
+    tokio::select! {
+        biased;
+        _ = stopped(&mut shutdown) => None,
+        e = crate::monitor::fatal_of(&mut fatal) => Some(e),
+    }
+}
+
 /// Starts the clock at the first "slot busy" and says when the timeout has passed.
 fn slot_busy_given_up(since: &mut Option<Instant>, timeout: Duration) -> bool {
     let first = *since.get_or_insert_with(Instant::now);
@@ -436,7 +449,11 @@ impl Session<'_> {
     async fn stream(&mut self, o: &mut Opened) -> Result<()> {
         let cfg = self.cfg;
         let max_in_flight = cfg.nats.max_in_flight;
-        let mut shutdown = self.shutdown.clone();
+        // Made once and polled in every turn of the loop: a future made per turn
+        // registered and removed two watch waiters per event (~4% of the relay's CPU
+        // in catch-up).
+        let end = session_end(self.shutdown.clone(), self.monitor.fatal_watch());
+        tokio::pin!(end);
         let mut save_timer = tokio::time::interval(cfg.checkpoint.interval);
         save_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // An idle session publishes nothing, so a lost NATS connection (which never
@@ -454,8 +471,7 @@ impl Session<'_> {
                 && sink.in_flight_bytes() < cfg.nats.max_in_flight_bytes;
             tokio::select! {
                 biased;
-                _ = stopped(&mut shutdown) => return Ok(()),
-                e = self.monitor.fatal() => return Err(e),
+                end = &mut end => return end.map_or(Ok(()), Err),
                 ack = sink.next_ack(), if sink.in_flight() > 0 => {
                     match ack {
                         Some(Ok(ticket)) => st.tracker.ack(ticket),

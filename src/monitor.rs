@@ -46,14 +46,25 @@ impl Monitor {
 
     /// Resolves with a fatal condition found by the watch.
     pub async fn fatal(&mut self) -> Error {
-        loop {
-            if let Some(e) = self.fatal.borrow_and_update().clone() {
-                return e;
-            }
-            if self.fatal.changed().await.is_err() {
-                // The watch ended without a fatal condition: never resolve.
-                std::future::pending::<()>().await;
-            }
+        fatal_of(&mut self.fatal).await
+    }
+
+    /// What [`Monitor::fatal`] waits on, for a future that outlives a borrow of the
+    /// monitor (the session's loop keeps one for the whole session).
+    pub fn fatal_watch(&self) -> watch::Receiver<Option<Error>> {
+        self.fatal.clone()
+    }
+}
+
+/// Resolves with the fatal condition `fatal` carries (at once if it already does).
+pub async fn fatal_of(fatal: &mut watch::Receiver<Option<Error>>) -> Error {
+    loop {
+        if let Some(e) = fatal.borrow_and_update().clone() {
+            return e;
+        }
+        if fatal.changed().await.is_err() {
+            // The watch ended without a fatal condition: never resolve.
+            std::future::pending::<()>().await;
         }
     }
 }

@@ -319,6 +319,61 @@ async fn quick_nats_restarts_keep_order_without_gaps() {
     relay.assert_running("after the fault");
 }
 
+/// 3b'. The PubAck multiplexer times out each message at its own deadline (sent +
+///      `ack_timeout`), never before, though one timer serves every pending message
+///      (it is re-armed when it fires for an earlier deadline); a PubAck that does come
+///      for a later message is kept for it in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubacks_that_never_come_time_out_each_at_its_own_deadline() {
+    use outbox_relay::sink::acks::{AckError, AckMux};
+    let nats = Nats::start();
+    let client = nats.client().await;
+    // A plain subscriber takes these messages and never answers: no PubAck comes.
+    let _silent = client.subscribe("silent.>").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ACKED".into(),
+        subjects: vec!["acked.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let timeout = Duration::from_millis(800);
+    let mut acks = AckMux::<u32>::new(client.clone(), timeout).await.unwrap();
+    let publish = |subject: &str| {
+        (
+            subject.to_string(),
+            async_nats::HeaderMap::new(),
+            bytes::Bytes::from_static(b"x"),
+        )
+    };
+    let (s, h, p) = publish("silent.a");
+    acks.publish(s, h, p, 1).await.unwrap();
+    tokio::time::sleep(timeout / 2).await;
+    for (subject, n) in [("silent.b", 2), ("acked.c", 3)] {
+        let (s, h, p) = publish(subject);
+        acks.publish(s, h, p, n).await.unwrap();
+    }
+    for n in [1, 2] {
+        let (got, sent_at, outcome) = acks.next().await.unwrap();
+        let waited = sent_at.elapsed();
+        assert_eq!((got, outcome), (n, Err(AckError::TimedOut)));
+        assert!(
+            waited >= timeout,
+            "message {n} timed out after {waited:?}, before its deadline"
+        );
+        assert!(
+            waited < timeout + DEADLINE,
+            "message {n} timed out only after {waited:?}"
+        );
+    }
+    let (got, _, outcome) = acks.next().await.unwrap();
+    assert_eq!((got, outcome), (3, Ok(())));
+    assert!(acks.next().await.is_none(), "nothing is pending any more");
+    let tails: Vec<(&str, u64)> = acks.tails().iter().collect();
+    assert_eq!(tails, [("ACKED", 1)], "the PubAck named where it is stored");
+}
+
 /// 3c. nats-server frozen (SIGSTOP) under load for longer than the ack timeout: the
 ///     connection stays open but no PubAck comes. The session ends on the timeouts and
 ///     retries; after SIGCONT every row arrives once, in order, with no process restart.

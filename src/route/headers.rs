@@ -224,11 +224,6 @@ impl HeaderSet {
         self
     }
 
-    /// Messages carry no `Outbox-Event-Id` (the compact profile).
-    pub fn is_compact(&self) -> bool {
-        self.compact
-    }
-
     /// The compact profile (`routing.headers = "compact"`).
     pub fn compact(mut self, compact: bool) -> Self {
         self.compact = compact;
@@ -271,19 +266,17 @@ impl HeaderSet {
     pub fn build(&self, ev: &OutboxEvent, pos: Position, msg_id: Option<&str>) -> HeaderMap {
         let names = &self.names;
         let aggregate_id = text(ev.aggregate_id.as_ref()).filter(|_| !self.compact);
-        // A panic while the template was being changed leaves it half-written: a
-        // poisoned lock means "rebuild it".
-        let (mut cache, poisoned) = match self.template.lock() {
-            Ok(cache) => (cache, false),
-            Err(p) => {
-                self.template.clear_poison();
-                (p.into_inner(), true)
-            }
-        };
-        let fits = !poisoned
-            && cache.as_mut().is_some_and(|t| {
-                t.has_aggregate_id == aggregate_id.is_some() && self.update(t, ev).is_ok()
-            });
+        let mut cache = self.template.lock().unwrap_or_else(|poisoned| {
+            // A panic while the template was being changed may have left it
+            // half-written: rebuild it.
+            self.template.clear_poison();
+            let mut cache = poisoned.into_inner();
+            *cache = None;
+            cache
+        });
+        let fits = cache.as_mut().is_some_and(|t| {
+            t.has_aggregate_id == aggregate_id.is_some() && self.update(t, ev).is_ok()
+        });
         if !fits {
             *cache = None;
         }
@@ -294,12 +287,16 @@ impl HeaderSet {
         }
         let mut h = t.map.clone();
         drop(cache);
-        let id_str = ev.id_str();
-        put(&mut h, &names.msg_id, msg_id.unwrap_or(id_str));
-        if !self.compact {
-            put(&mut h, &names.event_id, id_str);
+        // The row id is checked and copied once, though two headers may carry it.
+        let id = value(ev.id_str());
+        let msg_id = msg_id.map(value);
+        if self.compact {
+            h.insert(names.msg_id.clone(), msg_id.unwrap_or(id));
+        } else {
+            h.insert(names.msg_id.clone(), msg_id.unwrap_or_else(|| id.clone()));
+            h.insert(names.event_id.clone(), id);
         }
-        h.insert(names.tx_index.clone(), HeaderValue::from(pos.index));
+        h.insert(names.tx_index.clone(), index_value(pos.index));
         if let Some(a) = aggregate_id {
             put(&mut h, &names.aggregate_id, a);
         }
@@ -360,6 +357,12 @@ impl HeaderSet {
         }
         t
     }
+}
+
+/// `Outbox-Tx-Index`'s value. `HeaderValue::from(u32)` goes through `fmt`, which was
+/// most of what this header cost per message.
+fn index_value(index: u32) -> HeaderValue {
+    HeaderValue::from_str(itoa::Buffer::new().format(index)).unwrap_or_default()
 }
 
 /// PostgreSQL's text form of an LSN, `X/X` in hex.

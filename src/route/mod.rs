@@ -63,6 +63,13 @@ pub struct Envelope {
     pub schedule: Option<String>,
 }
 
+/// The row id that message id `msg_id` begins with, `event_id_len` bytes long (see
+/// [`Envelope::event_id_len`]); `None` when the length does not fit, which no message
+/// id the relay wrote does: then nothing is named rather than a wrong id.
+pub fn event_id_of(msg_id: &str, event_id_len: usize) -> Option<&str> {
+    msg_id.get(..event_id_len)
+}
+
 /// How a message relates to its route's fallback target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FallbackRole {

@@ -177,6 +177,11 @@ pub struct AckMux<T> {
     base: u64,
     slots: VecDeque<Slot<T>>,
     timeout: Duration,
+    /// Fires at or before the oldest pending message's deadline. Re-armed only when it
+    /// fires early (deadlines only move later, as messages are sent in order), not per
+    /// PubAck: a timer per wait registered and removed a timer-wheel entry on every
+    /// turn of the session's loop.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// The highest sequence every PubAck named, per stream ([`crate::floors`]).
     tails: crate::floors::Tails,
 }
@@ -196,6 +201,7 @@ impl<T> AckMux<T> {
             base: 0,
             slots: VecDeque::new(),
             timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
             tails: Default::default(),
         })
     }
@@ -229,7 +235,14 @@ impl<T> AckMux<T> {
         let send = self
             .client
             .publish_with_reply_and_headers(subject, reply, headers, payload);
-        let failed = match tokio::time::timeout(self.timeout, send).await {
+        // One poll first: the connection's queue almost always takes the message at
+        // once, and a `Timeout` costs a clock read and a timer per message.
+        let mut send = std::pin::pin!(send);
+        let sent = match futures::poll!(send.as_mut()) {
+            std::task::Poll::Ready(r) => Ok(r),
+            std::task::Poll::Pending => tokio::time::timeout(self.timeout, send).await,
+        };
+        let failed = match sent {
             Ok(Ok(())) => {
                 // After the hand-over: the PubAck gets the whole ack timeout, and
                 // `puback_seconds` measures the server, not the client's queue.
@@ -265,16 +278,25 @@ impl<T> AckMux<T> {
                 return self.pop();
             }
             let deadline = sent_at + self.timeout;
-            match tokio::time::timeout_at(deadline.into(), self.sub.next()).await {
-                Ok(Some(m)) => self.record(&m),
-                Ok(None) => {
-                    for slot in self.slots.iter_mut().filter(|s| s.outcome.is_none()) {
-                        slot.outcome = Some(Err(AckError::Closed));
+            tokio::select! {
+                biased;
+                m = self.sub.next() => match m {
+                    Some(m) => self.record(&m),
+                    None => {
+                        for slot in self.slots.iter_mut().filter(|s| s.outcome.is_none()) {
+                            slot.outcome = Some(Err(AckError::Closed));
+                        }
                     }
-                }
-                Err(_) => {
-                    if let Some(front) = self.slots.front_mut() {
-                        front.outcome = Some(Err(AckError::TimedOut));
+                },
+                () = self.timer.as_mut() => {
+                    // The timer may be set for an earlier message's deadline (see
+                    // `timer`): only the oldest message's own deadline times it out.
+                    if Instant::now() >= deadline {
+                        if let Some(front) = self.slots.front_mut() {
+                            front.outcome = Some(Err(AckError::TimedOut));
+                        }
+                    } else {
+                        self.timer.as_mut().reset(deadline.into());
                     }
                 }
             }

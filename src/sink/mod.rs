@@ -586,7 +586,7 @@ pub fn mark_dead_letter(
     if headers.get(headers::EVENT_ID).is_none()
         && let Some(id) = headers
             .get(headers::MSG_ID)
-            .and_then(|m| m.as_str().get(..event_id_len))
+            .and_then(|m| crate::route::event_id_of(m.as_str(), event_id_len))
     {
         let id = headers::value(id);
         headers.insert(HeaderName::from_static(headers::EVENT_ID), id);

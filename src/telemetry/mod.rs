@@ -309,7 +309,6 @@ impl Telemetry {
 /// The finished span: name, the messaging semantic-convention attributes, the
 /// relay's own (`outbox.*`), and the status.
 pub fn finish(s: Started, subject: &str, outcome: Outcome<'_>, end_unix_ns: u64) -> SpanData {
-    let event_id = s.msg_id.get(..s.event_id_len).unwrap_or(&s.msg_id);
     let mut attributes = vec![
         ("messaging.system", Value::Str("nats".into())),
         ("messaging.operation.name", Value::Str("publish".into())),
@@ -324,8 +323,12 @@ pub fn finish(s: Started, subject: &str, outcome: Outcome<'_>, end_unix_ns: u64)
             "outbox.commit_lsn",
             Value::Str(crate::route::format_lsn(s.commit_lsn)),
         ),
-        ("outbox.event_id", Value::Str(event_id.to_string())),
     ];
+    // The same rule as a dead letter's `Outbox-Event-Id`: no attribute rather than a
+    // wrong one.
+    if let Some(id) = crate::route::event_id_of(&s.msg_id, s.event_id_len) {
+        attributes.push(("outbox.event_id", Value::Str(id.to_string())));
+    }
     let (status, status_message) = match outcome {
         Outcome::Acked => (StatusCode::Ok, String::new()),
         Outcome::DeadLettered { reason, kind } => {
