@@ -163,8 +163,8 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Resolves when a session must end: `None` once `shutdown` is true, or the fatal
-/// condition the monitor found (shutdown first when both hold).
+/// Resolves when a session must end: `None` once `shutdown` is true (or its sender is
+/// gone), or the fatal condition the monitor found (shutdown first when both hold).
 async fn session_end(
     mut shutdown: watch::Receiver<bool>,
     mut fatal: watch::Receiver<Option<Error>>,

@@ -320,9 +320,11 @@ async fn quick_nats_restarts_keep_order_without_gaps() {
 }
 
 /// 3b'. The PubAck multiplexer times out each message at its own deadline (sent +
-///      `ack_timeout`), never before, though one timer serves every pending message
-///      (it is re-armed when it fires for an earlier deadline); a PubAck that does come
-///      for a later message is kept for it in order.
+///      `ack_timeout`): never before it, and not at a later message's. One timer serves
+///      every pending message and is re-armed when it fires for an earlier deadline;
+///      a PubAck that does come for a later message is kept for it, in order. Checked
+///      after the queue emptied, with the timer set for an earlier, acknowledged
+///      message, and with waits cancelled before one is awaited to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubacks_that_never_come_time_out_each_at_its_own_deadline() {
     use outbox_relay::sink::acks::{AckError, AckMux};
@@ -330,48 +332,83 @@ async fn pubacks_that_never_come_time_out_each_at_its_own_deadline() {
     let client = nats.client().await;
     // A plain subscriber takes these messages and never answers: no PubAck comes.
     let _silent = client.subscribe("silent.>").await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "ACKED".into(),
-        subjects: vec!["acked.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let timeout = Duration::from_millis(800);
+    nats.jetstream()
+        .await
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ACKED".into(),
+            subjects: vec!["acked.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(2);
     let mut acks = AckMux::<u32>::new(client.clone(), timeout).await.unwrap();
-    let publish = |subject: &str| {
-        (
-            subject.to_string(),
-            async_nats::HeaderMap::new(),
-            bytes::Bytes::from_static(b"x"),
-        )
-    };
-    let (s, h, p) = publish("silent.a");
-    acks.publish(s, h, p, 1).await.unwrap();
-    tokio::time::sleep(timeout / 2).await;
-    for (subject, n) in [("silent.b", 2), ("acked.c", 3)] {
-        let (s, h, p) = publish(subject);
-        acks.publish(s, h, p, n).await.unwrap();
+    async fn send(acks: &mut AckMux<u32>, subject: &str, n: u32) {
+        let payload = bytes::Bytes::from_static(b"x");
+        let headers = async_nats::HeaderMap::new();
+        acks.publish(subject.into(), headers, payload, n)
+            .await
+            .unwrap();
     }
-    for n in [1, 2] {
-        let (got, sent_at, outcome) = acks.next().await.unwrap();
-        let waited = sent_at.elapsed();
-        assert_eq!((got, outcome), (n, Err(AckError::TimedOut)));
+    // The next outcome, which must be `n`'s; a timer that never fires fails here.
+    async fn next(acks: &mut AckMux<u32>, timeout: Duration, n: u32) -> (Duration, bool) {
+        let (got, sent_at, outcome) = tokio::time::timeout(3 * timeout, acks.next())
+            .await
+            .unwrap_or_else(|_| panic!("no outcome for message {n} within {:?}", 3 * timeout))
+            .unwrap();
+        assert_eq!(got, n);
+        match outcome {
+            Ok(()) => (sent_at.elapsed(), true),
+            Err(AckError::TimedOut) => (sent_at.elapsed(), false),
+            Err(e) => panic!("message {n}: {e}"),
+        }
+    }
+    let timed_out_on_time = |n: u32, (waited, acked): (Duration, bool)| {
+        assert!(!acked, "message {n} has no PubAck to come");
         assert!(
             waited >= timeout,
             "message {n} timed out after {waited:?}, before its deadline"
         );
+        // Deadlines here are `timeout / 2` apart or more: a later one is not its own.
         assert!(
-            waited < timeout + DEADLINE,
+            waited < timeout + timeout / 2,
             "message {n} timed out only after {waited:?}"
         );
+    };
+
+    send(&mut acks, "silent.a", 1).await;
+    tokio::time::sleep(timeout / 2).await;
+    send(&mut acks, "silent.b", 2).await;
+    send(&mut acks, "acked.c", 3).await;
+    timed_out_on_time(1, next(&mut acks, timeout, 1).await);
+    timed_out_on_time(2, next(&mut acks, timeout, 2).await);
+    assert!(
+        next(&mut acks, timeout, 3).await.1,
+        "message 3's PubAck was kept for it"
+    );
+    assert!(acks.next().await.is_none(), "nothing is pending");
+
+    // The queue emptied; the timer is left at message 2's deadline.
+    send(&mut acks, "acked.d", 4).await;
+    assert!(next(&mut acks, timeout, 4).await.1);
+    tokio::time::sleep(timeout / 2).await;
+    send(&mut acks, "silent.e", 5).await;
+    timed_out_on_time(5, next(&mut acks, timeout, 5).await);
+
+    // Waits cancelled before one is awaited to the end lose nothing and move nothing.
+    send(&mut acks, "silent.f", 6).await;
+    for _ in 0..5 {
+        let cut = tokio::time::timeout(timeout / 10, acks.next()).await;
+        assert!(cut.is_err(), "message 6 has no outcome yet");
     }
-    let (got, _, outcome) = acks.next().await.unwrap();
-    assert_eq!((got, outcome), (3, Ok(())));
-    assert!(acks.next().await.is_none(), "nothing is pending any more");
+    timed_out_on_time(6, next(&mut acks, timeout, 6).await);
+    assert!(acks.next().await.is_none());
     let tails: Vec<(&str, u64)> = acks.tails().iter().collect();
-    assert_eq!(tails, [("ACKED", 1)], "the PubAck named where it is stored");
+    assert_eq!(
+        tails,
+        [("ACKED", 2)],
+        "the PubAcks named where they are stored"
+    );
 }
 
 /// 3c. nats-server frozen (SIGSTOP) under load for longer than the ack timeout: the

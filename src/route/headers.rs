@@ -287,12 +287,16 @@ impl HeaderSet {
         }
         let mut h = t.map.clone();
         drop(cache);
-        // The row id is checked and copied once, though two headers may carry it.
-        let id = value(ev.id_str());
+        // In the full profile the row id is sanitized and validated once, though two
+        // headers may carry it.
         let msg_id = msg_id.map(value);
         if self.compact {
-            h.insert(names.msg_id.clone(), msg_id.unwrap_or(id));
+            h.insert(
+                names.msg_id.clone(),
+                msg_id.unwrap_or_else(|| value(ev.id_str())),
+            );
         } else {
+            let id = value(ev.id_str());
             h.insert(names.msg_id.clone(), msg_id.unwrap_or_else(|| id.clone()));
             h.insert(names.event_id.clone(), id);
         }
@@ -586,12 +590,52 @@ mod tests {
         #[test]
         fn compact_template_headers_equal_fresh_headers(
             events in proptest::collection::vec(any_event(), 1..40),
+            explicit_id in proptest::bool::ANY,
         ) {
             let set = || HeaderSet::new("app/outbox_relay").compact(true).with_content_type(Some("a/b"));
             let shared = set();
             for (ev, pos) in &events {
-                let fresh = set().build(ev, *pos, None);
-                proptest::prop_assert_eq!(shared.build(ev, *pos, None), fresh);
+                let msg_id = explicit_id.then_some("id:subject");
+                let fresh = set().build(ev, *pos, msg_id);
+                proptest::prop_assert_eq!(shared.build(ev, *pos, msg_id), fresh);
+            }
+        }
+    }
+
+    /// Which id each profile writes where, for ids that need sanitizing too: the row id
+    /// in `Outbox-Event-Id` (full profile only), the given message id or else the row id
+    /// in `Nats-Msg-Id`, each exactly as [`value`] makes it.
+    #[test]
+    fn the_row_id_and_the_message_id_go_where_each_profile_says() {
+        let pos = Position {
+            commit_lsn: 0x10,
+            index: 7,
+        };
+        for id in [
+            "order-1",
+            "",
+            "a\r\nNats-Msg-Id: forged",
+            "x-nats-msg-id",
+            "tenant:7:o",
+        ] {
+            let ev = OutboxEvent::new(
+                Bytes::copy_from_slice(id.as_bytes()),
+                Bytes::from_static(b"t"),
+                Bytes::from_static(b"{}"),
+            );
+            for compact in [false, true] {
+                for msg_id in [None, Some("m:orders.eu"), Some("m\nNats-Msg-Id")] {
+                    let h = HeaderSet::new("o").compact(compact).build(&ev, pos, msg_id);
+                    let want_msg = value(msg_id.unwrap_or(id));
+                    assert_eq!(
+                        h.get(MSG_ID),
+                        Some(&want_msg),
+                        "{id:?} {compact} {msg_id:?}"
+                    );
+                    let want_event = (!compact).then(|| value(id));
+                    assert_eq!(h.get(EVENT_ID), want_event.as_ref(), "{id:?} {compact}");
+                    assert_eq!(h.get(TX_INDEX).map(|v| v.as_str()), Some("7"));
+                }
             }
         }
     }

@@ -236,7 +236,8 @@ impl<T> AckMux<T> {
             .client
             .publish_with_reply_and_headers(subject, reply, headers, payload);
         // One poll first: the connection's queue almost always takes the message at
-        // once, and a `Timeout` costs a clock read and a timer per message.
+        // once, and a `Timeout` costs a clock read and a `Sleep` made and dropped per
+        // message.
         let mut send = std::pin::pin!(send);
         let sent = match futures::poll!(send.as_mut()) {
             std::task::Poll::Ready(r) => Ok(r),
@@ -291,12 +292,15 @@ impl<T> AckMux<T> {
                 () = self.timer.as_mut() => {
                     // The timer may be set for an earlier message's deadline (see
                     // `timer`): only the oldest message's own deadline times it out.
-                    if Instant::now() >= deadline {
+                    // Decided on the timer's own clock, without reading one: it fired,
+                    // so its deadline has passed, and so has any deadline before it.
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    if self.timer.deadline() >= deadline {
                         if let Some(front) = self.slots.front_mut() {
                             front.outcome = Some(Err(AckError::TimedOut));
                         }
                     } else {
-                        self.timer.as_mut().reset(deadline.into());
+                        self.timer.as_mut().reset(deadline);
                     }
                 }
             }

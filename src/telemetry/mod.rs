@@ -466,6 +466,23 @@ mod tests {
         assert!(has("error.type", "no_stream"));
     }
 
+    /// A length that does not fit the message id names no event (as a dead letter's
+    /// `Outbox-Event-Id` does not) rather than a wrong one.
+    #[test]
+    fn no_event_id_attribute_when_the_length_does_not_fit() {
+        let (t, mut rx) = handle(1.0, 8);
+        let mut h = headers(TP);
+        let started = t.start(&mut h, "outbox.order.created", 7, 0, ID.len() + 1);
+        t.end(started.unwrap(), "outbox.order.created", Outcome::Acked);
+        let span = rx.try_recv().unwrap().into_span();
+        assert!(span.attributes.iter().all(|(n, _)| *n != "outbox.event_id"));
+        assert!(
+            span.attributes
+                .iter()
+                .any(|(n, _)| *n == "messaging.message.id")
+        );
+    }
+
     #[test]
     fn no_span_without_a_valid_traceparent_and_none_for_unsampled() {
         let (t, _rx) = handle(1.0, 8);
