@@ -369,7 +369,8 @@ async fn pubacks_that_never_come_time_out_each_at_its_own_deadline() {
             waited >= timeout,
             "message {n} timed out after {waited:?}, before its deadline"
         );
-        // Deadlines here are `timeout / 2` apart or more: a later one is not its own.
+        // The messages that time out here are sent `timeout / 2` apart or more: a
+        // later deadline is not its own.
         assert!(
             waited < timeout + timeout / 2,
             "message {n} timed out only after {waited:?}"

@@ -290,8 +290,10 @@ impl<T> AckMux<T> {
                     }
                 },
                 () = self.timer.as_mut() => {
-                    // The timer may be set for an earlier message's deadline (see
-                    // `timer`): only the oldest message's own deadline times it out.
+                    // The timer may be set for an earlier message's deadline, or at
+                    // first for `new()` + timeout (see `timer`): only the oldest
+                    // message's own deadline times it out. This relies on tokio's clock
+                    // being std's (`sent_at` is a std `Instant`): no paused clock.
                     // Decided on the timer's own clock, without reading one: it fired,
                     // so its deadline has passed, and so has any deadline before it.
                     let deadline = tokio::time::Instant::from_std(deadline);
