@@ -138,11 +138,13 @@ async fn supervise(
                 }
                 health.set_last_error(Some(e.message.clone()));
                 health.reconnects.inc();
-                let mut stop = shutdown.clone();
+                // Shutdown first, then a fatal condition, as within a session.
                 tokio::select! {
+                    biased;
+                    end = session_end(shutdown.clone(), monitor.fatal_watch()) => {
+                        return end.map_or(Ok(()), Err);
+                    }
                     _ = tokio::time::sleep(delay) => {}
-                    _ = stopped(&mut stop) => return Ok(()),
-                    e = monitor.fatal() => return Err(e),
                 }
             }
         }
@@ -815,6 +817,41 @@ mod tests {
                 .iter()
                 .all(|d| *d >= Duration::from_millis(200) && *d <= Duration::from_secs(10)),
             "{delays:?}"
+        );
+    }
+
+    /// The end of a session, and of the backoff between sessions: shutdown wins over a
+    /// fatal condition when both hold (a SIGTERM exits 0), a dropped shutdown sender
+    /// means stop, and nothing ends without one of them.
+    #[tokio::test]
+    async fn session_end_puts_shutdown_before_a_fatal_condition() {
+        use futures::FutureExt;
+        let fatal = || Some(Error::fatal("the slot was invalidated"));
+        let (stop, stop_rx) = watch::channel(false);
+        let (found, found_rx) = watch::channel(None);
+        let end = session_end(stop_rx.clone(), found_rx.clone());
+        assert!(end.now_or_never().is_none(), "nothing happened yet");
+
+        found.send_replace(fatal());
+        let end = session_end(stop_rx.clone(), found_rx.clone()).await;
+        assert_eq!(
+            end.map(|e| e.message),
+            Some("the slot was invalidated".into())
+        );
+
+        stop.send_replace(true);
+        assert!(
+            session_end(stop_rx.clone(), found_rx.clone())
+                .await
+                .is_none()
+        );
+
+        let (stop, stop_rx) = watch::channel(false);
+        drop(stop);
+        let (_found, found_rx) = watch::channel(None);
+        assert!(
+            session_end(stop_rx, found_rx).await.is_none(),
+            "sender gone: stop"
         );
     }
 }

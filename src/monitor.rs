@@ -44,13 +44,9 @@ impl Monitor {
         Monitor { task, fatal }
     }
 
-    /// Resolves with a fatal condition found by the watch.
-    pub async fn fatal(&mut self) -> Error {
-        fatal_of(&mut self.fatal).await
-    }
-
-    /// What [`Monitor::fatal`] waits on, for a future that outlives a borrow of the
-    /// monitor (the session's loop keeps one for the whole session).
+    /// The fatal condition the watch finds, for [`fatal_of`]: a receiver, so that the
+    /// wait outlives a borrow of the monitor (the session's loop keeps one for the
+    /// whole session).
     pub fn fatal_watch(&self) -> watch::Receiver<Option<Error>> {
         self.fatal.clone()
     }

@@ -385,11 +385,13 @@ impl Msg {
     }
 }
 
+/// How many messages `stream` holds: 0 only when it does not exist. Transient errors
+/// (a server restarting, a cluster electing a leader) are retried by [`stream_info`],
+/// not read as an empty stream.
 pub async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {
-    match js.get_stream(stream).await {
-        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
-    }
+    stream_info(js, stream)
+        .await
+        .map_or(0, |i| i.state.messages)
 }
 
 /// Wait until `stream` holds at least `n` messages.
@@ -546,7 +548,7 @@ pub async fn delete_and_fill(
     lost: &[&Msg],
     vars: &[(&str, &str)],
 ) -> Vec<Msg> {
-    // `stream_info` retries (`stream_count` reads 0 on an error).
+    // Not `stream_count`: a missing stream is a failure here, not an empty one.
     let total = stream_info(js, stream)
         .await
         .expect("the stream exists")
