@@ -822,36 +822,32 @@ mod tests {
 
     /// The end of a session, and of the backoff between sessions: shutdown wins over a
     /// fatal condition when both hold (a SIGTERM exits 0), a dropped shutdown sender
-    /// means stop, and nothing ends without one of them.
-    #[tokio::test]
-    async fn session_end_puts_shutdown_before_a_fatal_condition() {
+    /// means stop, and nothing ends without one of them. Each answer is known at the
+    /// first poll (`now_or_never`), so a wrong one fails rather than hangs.
+    #[test]
+    fn session_end_puts_shutdown_before_a_fatal_condition() {
         use futures::FutureExt;
-        let fatal = || Some(Error::fatal("the slot was invalidated"));
+        let end = |stop: &watch::Receiver<bool>, found: &watch::Receiver<Option<Error>>| {
+            session_end(stop.clone(), found.clone())
+                .now_or_never()
+                .map(|e| e.map(|e| e.message))
+        };
         let (stop, stop_rx) = watch::channel(false);
         let (found, found_rx) = watch::channel(None);
-        let end = session_end(stop_rx.clone(), found_rx.clone());
-        assert!(end.now_or_never().is_none(), "nothing happened yet");
+        assert_eq!(end(&stop_rx, &found_rx), None, "nothing happened yet");
 
-        found.send_replace(fatal());
-        let end = session_end(stop_rx.clone(), found_rx.clone()).await;
+        found.send_replace(Some(Error::fatal("the slot was invalidated")));
         assert_eq!(
-            end.map(|e| e.message),
-            Some("the slot was invalidated".into())
+            end(&stop_rx, &found_rx),
+            Some(Some("the slot was invalidated".into()))
         );
 
         stop.send_replace(true);
-        assert!(
-            session_end(stop_rx.clone(), found_rx.clone())
-                .await
-                .is_none()
-        );
+        assert_eq!(end(&stop_rx, &found_rx), Some(None), "shutdown first");
 
         let (stop, stop_rx) = watch::channel(false);
         drop(stop);
         let (_found, found_rx) = watch::channel(None);
-        assert!(
-            session_end(stop_rx, found_rx).await.is_none(),
-            "sender gone: stop"
-        );
+        assert_eq!(end(&stop_rx, &found_rx), Some(None), "sender gone: stop");
     }
 }

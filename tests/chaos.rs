@@ -234,13 +234,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Messages in the stream once the server answers (a restarted server may not yet).
-async fn settled_count(js: &jetstream::Context) -> u64 {
-    stream_info(js, STREAM)
-        .await
-        .map_or(0, |i| i.state.messages)
-}
-
 /// Waits until the stream holds `n` messages, or none arrived for [`STALL`] (the
 /// row-by-row check then says which are missing).
 async fn wait_all(js: &jetstream::Context, n: u64) {
@@ -589,7 +582,7 @@ async fn seeded_faults_exactly_once() {
         // Progress since the last fault (the relay reconnected and publishes), unless
         // the load is over; while the payment subject is denied, a session that ended
         // on the denial is progress too (see MAX_FAULTS_DENIED).
-        let before = settled_count(&js).await;
+        let before = stream_count(&js, STREAM).await;
         let sessions = relay_metric(env.http_port, "outbox_relay_reconnects_total").await;
         let (js2, producer, port) = (&js, &producer, env.http_port);
         wait_for(

@@ -297,6 +297,29 @@ async fn nats_outage_under_load() {
     assert_eq!(relay.pid(), pid);
 }
 
+/// 3a. SIGTERM while nats-server is down: the relay is between sessions (a session
+///     cannot open, so it waits out its backoff and tries again) and exits 0 rather
+///     than retrying a connection forever; what was delivered stays delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_between_sessions_exits_0() {
+    let mut env = Env::start_migrated().await;
+    let mut relay = env.spawn_relay();
+    let port = env.http_port;
+    let c = env.sql().await;
+    insert_tx(&c, 3, "before").await;
+    wait_count(&env.js().await, STREAM, 3).await;
+    env.nats.stop();
+    // Two ended sessions: the streaming one, and one that could not open.
+    wait_for("sessions ended by the outage", DEADLINE, || async move {
+        relay_metric(port, "outbox_relay_reconnects_total").await >= 2.0
+    })
+    .await;
+    let status = relay.terminate();
+    assert!(status.success(), "{status}: {}", relay.log_text());
+    env.nats.start_again();
+    assert_eq!(stream_count(&env.js().await, STREAM).await, 3);
+}
+
 /// 3b. nats-server restarted quickly, several times, under load: the outage is shorter
 ///     than the ack timeout, so a client that reconnected by itself would write its
 ///     queued publishes after the ones lost in the dead socket (a gap, then the replay
