@@ -141,9 +141,7 @@ async fn supervise(
                 // Shutdown first, then a fatal condition, as within a session.
                 tokio::select! {
                     biased;
-                    end = session_end(shutdown.clone(), monitor.fatal_watch()) => {
-                        return end.map_or(Ok(()), Err);
-                    }
+                    end = session_end(shutdown.clone(), monitor.fatal_watch()) => return end,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -165,16 +163,17 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Resolves when a session must end: `None` once `shutdown` is true (or its sender is
-/// gone), or the fatal condition the monitor found (shutdown first when both hold).
+/// Resolves when a session (or the backoff between sessions) must end, with what the
+/// process returns: `Ok` once `shutdown` is true (or its sender is gone), or the fatal
+/// condition the monitor found (shutdown first when both hold).
 async fn session_end(
     mut shutdown: watch::Receiver<bool>,
     mut fatal: watch::Receiver<Option<Error>>,
-) -> Option<Error> {
+) -> Result<()> {
     tokio::select! {
         biased;
-        _ = stopped(&mut shutdown) => None,
-        e = crate::monitor::fatal_of(&mut fatal) => Some(e),
+        _ = stopped(&mut shutdown) => Ok(()),
+        e = crate::monitor::fatal_of(&mut fatal) => Err(e),
     }
 }
 
@@ -473,7 +472,7 @@ impl Session<'_> {
                 && sink.in_flight_bytes() < cfg.nats.max_in_flight_bytes;
             tokio::select! {
                 biased;
-                end = &mut end => return end.map_or(Ok(()), Err),
+                end = &mut end => return end,
                 ack = sink.next_ack(), if sink.in_flight() > 0 => {
                     match ack {
                         Some(Ok(ticket)) => st.tracker.ack(ticket),
@@ -830,7 +829,7 @@ mod tests {
         let end = |stop: &watch::Receiver<bool>, found: &watch::Receiver<Option<Error>>| {
             session_end(stop.clone(), found.clone())
                 .now_or_never()
-                .map(|e| e.map(|e| e.message))
+                .map(|end| end.err().map(|e| e.message))
         };
         let (stop, stop_rx) = watch::channel(false);
         let (found, found_rx) = watch::channel(None);
